@@ -22,13 +22,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+import simplejpeg
 
 from lapvqa import probe_data
 from lapvqa.release import artifacts
+from lapvqa.shard.images import ImageError, process_image
 
 log = logging.getLogger("lapvqa.probe")
-FEATURE_VERSION = 1  # bump when the pooling or the image preprocessing changes
+FEATURE_VERSION = 2  # bump when the pooling or the image preprocessing changes
 
 
 @dataclass
@@ -54,25 +55,16 @@ class ProbeConfig:
 
 
 def load_image(path: str, size: int) -> np.ndarray:
-    """8-bit grayscale [size, size]: longer side scaled to `size`, centred, black padding.
+    """8-bit grayscale [size, size], preprocessed exactly as the training shards were.
 
-    The same whole-radiograph policy as the training shards (DESIGN.md: scale the longer side,
-    pad to a square), so the probe sees images the way the encoder was trained on them.
+    lapvqa.shard's process_image (whole radiograph: longer side to `size`, centred black padding,
+    16-bit stretched, the q95 JPEG round trip), so the probe sees images the way the encoder was
+    trained on them. Raises ImageError (with a reject reason) for unusable files.
     """
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("I;16", "I;16B", "I"):  # 16-bit PNGs: stretch to 8 bit
-            arr = np.asarray(im, dtype=np.float32)
-            lo, hi = float(arr.min()), float(arr.max())
-            im = Image.fromarray(((arr - lo) / max(hi - lo, 1.0) * 255).astype(np.uint8))
-        im = im.convert("L")
-        w, h = im.size
-        scale = size / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-        canvas = Image.new("L", (size, size), 0)
-        canvas.paste(im, ((size - nw) // 2, (size - nh) // 2))
-        return np.array(canvas, dtype=np.uint8)  # a writable copy for torch.from_numpy
+    with open(path, "rb") as f:
+        data = f.read()
+    jpeg = process_image(data, size=size).jpeg
+    return simplejpeg.decode_jpeg(jpeg, colorspace="GRAY")[:, :, 0].copy()
 
 
 class _Images(torch.utils.data.Dataset):
@@ -84,10 +76,11 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return torch.from_numpy(load_image(self.paths[i], self.size))[None], True
-        except (OSError, ValueError) as exc:  # corrupt/truncated file: counted, not fatal
-            log.warning("unreadable image %s: %s", self.paths[i], exc)
-            return torch.zeros(1, self.size, self.size, dtype=torch.uint8), False
+            return torch.from_numpy(load_image(self.paths[i], self.size))[None], ""
+        except (OSError, ImageError) as exc:  # counted and reported by reason, never fatal
+            log.warning("image rejected %s: %s", self.paths[i], exc)
+            reason = getattr(exc, "reason", "image_unreadable")
+            return torch.zeros(1, self.size, self.size, dtype=torch.uint8), reason
 
 
 # ---------------------------------------------------------------- features
@@ -102,19 +95,19 @@ def _device(name: str) -> torch.device:
 @torch.no_grad()
 def extract_features(encoder, paths: list[str], size: int, *, batch_size: int = 64,
                      num_workers: int = 0, device: torch.device | None = None):
-    """[N, C] float32 mean-pooled encoder tokens and an [N] bool mask of readable images."""
+    """[N, C] float32 mean-pooled encoder tokens and [N] reject reasons ('' = usable image)."""
     device = device or next(encoder.parameters()).device
     loader = torch.utils.data.DataLoader(
         _Images(paths, size), batch_size=batch_size, num_workers=num_workers,
         pin_memory=device.type == "cuda", persistent_workers=False)
-    feats, oks = [], []
-    for images, ok in loader:
+    feats, reasons = [], []
+    for images, why in loader:
         images = images.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             tokens = encoder(images)  # [B, 256, C]
         feats.append(tokens.float().mean(dim=1).cpu().numpy())
-        oks.append(ok.numpy())
-    return np.concatenate(feats).astype(np.float32), np.concatenate(oks).astype(bool)
+        reasons.extend(why)
+    return np.concatenate(feats).astype(np.float32), np.asarray(reasons, dtype=str)
 
 
 def cache_path(cache_dir: str, encoder_sha: str, split: probe_data.ProbeSplit, size: int) -> str:
@@ -130,14 +123,14 @@ def cached_features(cfg: ProbeConfig, encoder_fn, encoder_sha: str, split, size:
     if os.path.isfile(path):
         with np.load(path) as z:
             log.info("features from cache %s", path)
-            return z["features"], z["ok"], True
-    feats, ok = extract_features(encoder_fn(), split.paths, size, batch_size=cfg.batch_size,
+            return z["features"], z["rejected"], True
+    feats, rejected = extract_features(encoder_fn(), split.paths, size, batch_size=cfg.batch_size,
                                  num_workers=cfg.num_workers, device=_device(cfg.device))
     os.makedirs(cfg.cache_dir, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, features=feats, ok=ok)
+    np.savez(tmp, features=feats, rejected=rejected)
     os.replace(tmp, path)  # a killed run never leaves a half-written cache entry behind
-    return feats, ok, False
+    return feats, rejected, False
 
 
 # ---------------------------------------------------------------- probe
@@ -202,9 +195,9 @@ def run_probe(cfg: ProbeConfig) -> dict:
 
     data, cached = {}, {}
     for name, split in splits.items():
-        feats, ok, cached[name] = cached_features(cfg, encoder_fn, encoder_sha, split, size)
-        if (~ok).any():
-            split.rejects["unreadable image"] += int((~ok).sum())
+        feats, rejected, cached[name] = cached_features(cfg, encoder_fn, encoder_sha, split, size)
+        split.rejects.update(r for r in rejected.tolist() if r)
+        ok = rejected == ""
         data[name] = (feats[ok], split.labels[ok])
     classes = splits["train"].classes
     per_class = fit_probe(*data["train"], *data["test"], classes, C=cfg.C,

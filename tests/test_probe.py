@@ -48,7 +48,7 @@ def _labels(rng, a, b, n_classes: int, learnable: bool) -> np.ndarray:
     return (rng.random((len(a), n_classes)) < 0.4).astype(int)
 
 
-def make_nih(root, learnable: bool, seed: int = 0, missing: int = 1):
+def make_nih(root, learnable: bool, seed: int = 0, missing: int = 1, corrupt: bool = True):
     """NIH layout: Data_Entry_2017_v2020.csv, split lists, 1024x1024 PNGs in images_00X/images/."""
     rng = np.random.default_rng(seed)
     n = N_TRAIN + N_TEST
@@ -71,6 +71,9 @@ def make_nih(root, learnable: bool, seed: int = 0, missing: int = 1):
                     "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
                     "OriginalImagePixelSpacing[x", "y]"])
         w.writerows(rows)
+    if corrupt:  # a download cut short: the last test image is truncated
+        path = next(root.glob(f"images*/**/{names[-1]}"))
+        path.write_bytes(path.read_bytes()[:200])
     (root / "train_val_list.txt").write_text("\n".join(names[:N_TRAIN]) + "\n")
     (root / "test_list.txt").write_text("\n".join(names[N_TRAIN:] + ghosts) + "\n")
     return labels
@@ -133,8 +136,8 @@ def _run(tmp_path, release, dataset, root, *extra):
 def test_nih_probe(tmp_path, release, learnable, capsys):
     make_nih(tmp_path / "nih", learnable)
     res = _run(tmp_path, release, "nih", tmp_path / "nih")
-    assert res["n_train"] == N_TRAIN and res["n_test"] == N_TEST
-    assert res["rejects"]["test"] == {"image file missing": 1}
+    assert res["n_train"] == N_TRAIN and res["n_test"] == N_TEST - 1
+    assert res["rejects"]["test"] == {"image file missing": 1, "image_truncated": 1}
     assert list(res["classes"]) == list(NIH_CLASSES) and res["classes_scored"] == 14
     aucs = [r["auc"] for r in res["classes"].values()]
     if learnable:
@@ -191,7 +194,7 @@ def test_chexpert_paths_and_uncertain_policies(tmp_path):
 
 
 def test_nih_reader_layout_and_no_finding(tmp_path):
-    labels = make_nih(tmp_path, learnable=True, missing=2)
+    labels = make_nih(tmp_path, learnable=True, missing=2, corrupt=False)
     split = probe_data.read_nih(str(tmp_path), "test")
     assert len(split) == N_TEST and split.rejects == {"image file missing": 2}
     assert {os.path.basename(os.path.dirname(os.path.dirname(p))) for p in split.paths} >= \
