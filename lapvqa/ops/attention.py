@@ -1,6 +1,12 @@
 """One attention entry point: the project's Triton kernel on CUDA, SDPA elsewhere.
 
-``LAPVQA_ATTENTION=triton|sdpa|auto`` (default ``auto``) selects the backend.
+``LAPVQA_ATTENTION=triton|sdpa|auto`` (default ``auto``) selects the backend:
+  sdpa    always torch.nn.functional.scaled_dot_product_attention.
+  triton  the fused kernel (lapvqa.ops.flash_attn) for CUDA tensors; an input the kernel cannot
+          take is a ValueError. CPU tensors use it only when TRITON_INTERPRET=1 (tests);
+          otherwise they fall back to SDPA with a one-time warning.
+  auto    the kernel only where benchmarks/attention.py measured it faster than the best SDPA
+          backend (:data:`AUTO_KERNEL_RULES`), SDPA everywhere else (CPU always).
 
 Contract (every caller relies on it):
   q: [B, H, Nq, D], k and v: [B, H, Nk, D], same dtype and device.
@@ -14,11 +20,43 @@ Returns [B, H, Nq, D]. A query row with no visible key returns zeros (never NaN)
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AutoRule:
+    """Inputs for which "auto" runs the kernel (all fields must match; ranges are inclusive)."""
+
+    causal: bool
+    masked: bool  # key_padding_mask or kv_lens given
+    head_dims: tuple[int, ...]
+    nq: tuple[int, int]
+    nk: tuple[int, int]
+    dtypes: tuple[str, ...] = ("bfloat16", "float16")
+    training: bool | None = None  # True: only with autograd, False: only without, None: both
+
+    def matches(self, q, k, causal, masked, training) -> bool:
+        return (self.causal == causal and self.masked == masked
+                and q.shape[-1] in self.head_dims
+                and str(q.dtype).removeprefix("torch.") in self.dtypes
+                and self.nq[0] <= q.shape[-2] <= self.nq[1]
+                and self.nk[0] <= k.shape[-2] <= self.nk[1]
+                and (self.training is None or self.training == training))
+
+
+# Where "auto" picks the kernel on CUDA: the cases where benchmarks/attention.py measured the
+# kernel at >= 1.0x the best SDPA backend (that script prints these rules from its results).
+# Empty until measured on the target GPU: without data, auto means SDPA.
+AUTO_KERNEL_RULES: tuple[AutoRule, ...] = ()
+
+_warned: set[str] = set()
 
 
 def attention_backend() -> str:
@@ -26,6 +64,46 @@ def attention_backend() -> str:
     if mode not in ("auto", "triton", "sdpa"):
         raise ValueError(f"LAPVQA_ATTENTION={mode!r}: expected one of auto, triton, sdpa")
     return mode
+
+
+def _flash():
+    """lapvqa.ops.flash_attn, imported on first use (triton reads TRITON_INTERPRET at import)."""
+    return importlib.import_module("lapvqa.ops.flash_attn")
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def choose_backend(q, k, v, *, causal=False, key_padding_mask=None, kv_lens=None) -> str:
+    """'triton' or 'sdpa' for these inputs under the current LAPVQA_ATTENTION setting."""
+    mode = attention_backend()
+    if mode == "sdpa":
+        return "sdpa"
+    on_cuda = q.device.type == "cuda"
+    if mode == "triton":
+        if not on_cuda and not _interpret_requested():
+            _warn_once("LAPVQA_ATTENTION=triton: CPU tensors use SDPA (set TRITON_INTERPRET=1 "
+                       "to run the kernel in the Triton interpreter)")
+            return "sdpa"
+        reason = _flash().unsupported_reason(q, k, v, key_padding_mask, kv_lens)
+        if reason is not None:
+            raise ValueError(f"LAPVQA_ATTENTION=triton: {reason}")
+        return "triton"
+    if not on_cuda or not AUTO_KERNEL_RULES:
+        return "sdpa"
+    masked = key_padding_mask is not None or kv_lens is not None
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not any(r.matches(q, k, bool(causal), masked, training) for r in AUTO_KERNEL_RULES):
+        return "sdpa"
+    fa = _flash()
+    return "triton" if fa.unsupported_reason(q, k, v, key_padding_mask, kv_lens) is None else "sdpa"
 
 
 def _sdpa_mask(q, k, causal, key_padding_mask, kv_lens):
@@ -60,6 +138,10 @@ def sdpa_attention(q, k, v, *, causal=False, key_padding_mask=None, kv_lens=None
 def attention(q, k, v, *, causal=False, key_padding_mask=None, kv_lens=None, scale=None):
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    # The Triton kernel is wired in by lapvqa.ops.flash_attn (see that module).
+    backend = choose_backend(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                             kv_lens=kv_lens)
+    if backend == "triton":
+        return _flash().flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                                        kv_lens=kv_lens, scale=scale)
     return sdpa_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                           kv_lens=kv_lens, scale=scale)

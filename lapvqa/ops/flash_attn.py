@@ -1,0 +1,512 @@
+"""FlashAttention-2-style fused attention in Triton (forward and backward).
+
+Same contract as :func:`lapvqa.ops.attention.attention` (see that module's docstring):
+q [B, H, Nq, D], k/v [B, H, Nk, D]; causal is bottom-right aligned (query i sees keys
+j <= i + Nk - Nq); optional key_padding_mask [B, Nk] bool (True = keep) and/or kv_lens [B];
+a query row with no visible key returns zeros and gets zero gradients.
+
+Design (after the Triton fused-attention tutorial and FlashAttention-2):
+  * forward: one program per (query block, batch*head); online softmax in the exp2 domain with
+    fp32 accumulators; the key loop is split into full blocks (no masks at all) and the
+    boundary blocks (causal diagonal, ragged tail of 729-long sequences, kv_lens), so the hot
+    loop carries no masking work. Saves the log-sum-exp (log2 domain) for the backward.
+    Fully masked rows keep m = -inf; the update uses 0 as the reference so nothing turns NaN,
+    and their log-sum-exp is stored as +inf, which makes every backward probability exactly 0.
+  * backward: delta = rowsum(dO * O) (preprocess), then dK/dV with one program per key block
+    looping over query blocks, and dQ with one program per query block looping over key
+    blocks: two kernels, no atomics, deterministic.
+  * q/k/v/dO may be arbitrary strided views (e.g. slices of a fused qkv projection): every
+    pointer is built from the four strides, nothing is copied.
+  * head dims up to 128; a non-power-of-two head dim is padded inside the kernel (masked loads).
+
+Triton is imported lazily-guarded: without triton (or without CUDA and TRITON_INTERPRET=1) the
+module still imports and :data:`AVAILABLE` is False. ``TRITON_INTERPRET=1`` must be set before
+this module is imported (triton decides at decoration time); then the kernels run on CPU
+tensors with a small fixed block config, which is what the CPU tests use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # the package must import without triton (CPU-only installs)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised by a subprocess test
+    triton = None
+    tl = None
+
+AVAILABLE = triton is not None
+INTERPRET = AVAILABLE and os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_HEAD_DIM = 128
+_LOG2E = 1.4426950408889634
+# runtime ints that must not multiply compiles (729 vs 730, 8 vs 16 heads, tuning buckets)
+_SEQ_ARGS = ("H", "Nq", "Nk", "NQ_BUCKET", "NK_BUCKET")
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_MASK: tl.constexpr):
+        """[len(offs_r), BLOCK_D] tile; rows >= n_rows (if ROW_MASK) and padded dims read 0."""
+        ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+        if ROW_MASK:
+            if BLOCK_D != HEAD_DIM:
+                t = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            else:
+                t = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+        else:
+            if BLOCK_D != HEAD_DIM:
+                t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            else:
+                t = tl.load(ptrs)
+        return t
+
+    @triton.jit
+    def _store_rows(base, val, offs_r, offs_d, stride_r, stride_d, n_rows,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+        if BLOCK_D != HEAD_DIM:
+            tl.store(ptrs, val, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+        else:
+            tl.store(ptrs, val, mask=offs_r[:, None] < n_rows)
+
+    @triton.jit
+    def _visible(offs_m, offs_n, n_valid, diag, kpm_base, Nk,
+                 CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] bool: key in range/length, allowed by the padding mask and causality."""
+        vis = (offs_n < n_valid)[None, :] & (offs_m >= 0)[:, None]
+        if HAS_KPM:
+            keep = tl.load(kpm_base + offs_n, mask=offs_n < Nk, other=0)
+            vis = vis & (keep != 0)[None, :]
+        if CAUSAL:
+            vis = vis & (offs_n[None, :] <= offs_m[:, None] + diag)
+        return vis
+
+    @triton.jit
+    def _key_bounds(start_m, Nq, Nk, kvl_ptr, off_b,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr):
+        """(n_valid, full_end, hi) for a query block: keys [0, full_end) need no mask at all,
+        [full_end, hi) are boundary blocks, keys >= hi are invisible to every row of the block."""
+        n_valid = Nk
+        if HAS_KVLEN:
+            n_valid = tl.minimum(tl.maximum(tl.load(kvl_ptr + off_b).to(tl.int32), 0), Nk)
+        hi = n_valid
+        full_end = (n_valid // BLOCK_N) * BLOCK_N
+        if CAUSAL:
+            diag = Nk - Nq
+            hi = tl.minimum(hi, tl.maximum((start_m + 1) * BLOCK_M + diag, 0))
+            # the block's first row sees keys <= start_m*BLOCK_M + diag: blocks below are full
+            first = tl.maximum(start_m * BLOCK_M + diag + 1, 0)
+            full_end = tl.minimum(full_end, (first // BLOCK_N) * BLOCK_N)
+        full_end = tl.minimum(full_end, hi)
+        return n_valid, full_end, hi
+
+    @triton.jit
+    def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base,
+                   stride_kn, stride_kd, stride_vn, stride_vd,
+                   offs_m, offs_d, lo, hi, n_valid, diag, Nk, qk_scale,
+                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, Nk, HEAD_DIM, BLOCK_D, MASKED)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            if MASKED or HAS_KPM:
+                vis = _visible(offs_m, offs_n, n_valid, diag, kpm_base, Nk, CAUSAL and MASKED, HAS_KPM)
+                qk = tl.where(vis, qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: no NaN
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                m_ref = m_new
+            p = tl.math.exp2(qk - m_ref[:, None])
+            alpha = tl.math.exp2(m_i - m_ref)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, Nk, HEAD_DIM, BLOCK_D, MASKED)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit(do_not_specialize=_SEQ_ARGS)
+    def _attn_fwd(Q, K, V, O, LSE, KPM, KVL,
+                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                  sob, soh, som, sod, skpm_b,
+                  H, Nq, Nk, qk_scale, NQ_BUCKET, NK_BUCKET,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = off_bh // H
+        off_h = off_bh % H
+        q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
+        k_base = K + off_b.to(tl.int64) * skb + off_h.to(tl.int64) * skh
+        v_base = V + off_b.to(tl.int64) * svb + off_h.to(tl.int64) * svh
+        o_base = O + off_b.to(tl.int64) * sob + off_h.to(tl.int64) * soh
+        kpm_base = KPM + off_b.to(tl.int64) * skpm_b
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+
+        q = _load_rows(q_base, offs_m, offs_d, sqm, sqd, Nq, HEAD_DIM, BLOCK_D, True)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        n_valid, full_end, hi = _key_bounds(start_m, Nq, Nk, KVL, off_b, BLOCK_M, BLOCK_N, CAUSAL, HAS_KVLEN)
+        diag = Nk - Nq
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd,
+                                   offs_m, offs_d, 0, full_end, n_valid, diag, Nk, qk_scale,
+                                   BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, HAS_KPM, DOT_PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd,
+                                   offs_m, offs_d, full_end, hi, n_valid, diag, Nk, qk_scale,
+                                   BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, HAS_KPM, DOT_PREC)
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+        tl.store(LSE + off_bh.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
+        _store_rows(o_base, out.to(O.dtype.element_ty), offs_m, offs_d, som, sod, Nq, HEAD_DIM, BLOCK_D)
+
+    @triton.jit(do_not_specialize=("H", "Nq"))
+    def _attn_bwd_pre(O, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H, Nq,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = off_bh // H
+        off_h = off_bh % H
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        o = _load_rows(O + off_b.to(tl.int64) * sob + off_h.to(tl.int64) * soh,
+                       offs_m, offs_d, som, sod, Nq, HEAD_DIM, BLOCK_D, True)
+        do = _load_rows(DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh,
+                        offs_m, offs_d, sdom, sdod, Nq, HEAD_DIM, BLOCK_D, True)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        tl.store(DELTA + off_bh.to(tl.int64) * Nq + offs_m, delta, mask=offs_m < Nq)
+
+    @triton.jit
+    def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                    sqm, sqd, sdom, sdod, offs_n, offs_d, lo, hi, Nq, diag, qk_scale,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+        for start_m in range(lo, hi, BLOCK_M):
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _load_rows(q_base, offs_m, offs_d, sqm, sqd, Nq, HEAD_DIM, BLOCK_D, True)
+            do = _load_rows(do_base, offs_m, offs_d, sdom, sdod, Nq, HEAD_DIM, BLOCK_D, True)
+            # rows past Nq read lse=+inf, so their probabilities are exactly 0
+            lse = tl.load(lse_base + offs_m, mask=offs_m < Nq, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=offs_m < Nq, other=0.0)
+            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+            pT = tl.math.exp2(qkT - lse[None, :])
+            if MASKED:  # causal diagonal blocks
+                pT = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pT, 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        return dk, dv
+
+    @triton.jit(do_not_specialize=_SEQ_ARGS)
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KVL,
+                       sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                       sdob, sdoh, sdom, sdod, skpm_b,
+                       H, Nq, Nk, qk_scale, sm_scale, NQ_BUCKET, NK_BUCKET,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
+                       DOT_PREC: tl.constexpr):
+        start_n = tl.program_id(0) * BLOCK_N
+        off_bh = tl.program_id(1)
+        off_b = off_bh // H
+        off_h = off_bh % H
+        q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
+        do_base = DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh
+        lse_base = LSE + off_bh.to(tl.int64) * Nq
+        delta_base = DELTA + off_bh.to(tl.int64) * Nq
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        k = _load_rows(K + off_b.to(tl.int64) * skb + off_h.to(tl.int64) * skh,
+                       offs_n, offs_d, skn, skd, Nk, HEAD_DIM, BLOCK_D, True)
+        v = _load_rows(V + off_b.to(tl.int64) * svb + off_h.to(tl.int64) * svh,
+                       offs_n, offs_d, svn, svd, Nk, HEAD_DIM, BLOCK_D, True)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+        n_valid = Nk
+        if HAS_KVLEN:
+            n_valid = tl.minimum(tl.maximum(tl.load(KVL + off_b).to(tl.int32), 0), Nk)
+        hi = tl.where(start_n < n_valid, Nq, 0)  # a block of padding keys gets no gradient
+        lo = 0
+        full_lo = 0
+        diag = Nk - Nq
+        if CAUSAL:
+            # query i sees key j iff j <= i + diag: rows < start_n - diag see nothing of this block,
+            # rows >= start_n + BLOCK_N - 1 - diag see all of it
+            lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
+            full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
+            full_lo = tl.minimum(full_lo, hi)
+            lo = tl.minimum(lo, full_lo)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 sqm, sqd, sdom, sdod, offs_n, offs_d, lo, full_lo, Nq, diag, qk_scale,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                             sqm, sqd, sdom, sdod, offs_n, offs_d, full_lo, hi, Nq, diag, qk_scale,
+                             BLOCK_M, HEAD_DIM, BLOCK_D, False, DOT_PREC)
+        # A masked key never contributed, so its dk/dv rows are zero; other keys are unaffected
+        # (their probabilities use the saved lse), so masking once here is exact.
+        keep = offs_n < n_valid
+        if HAS_KPM:
+            keep = keep & (tl.load(KPM + off_b.to(tl.int64) * skpm_b + offs_n, mask=offs_n < Nk, other=0) != 0)
+        dk = tl.where(keep[:, None], dk * sm_scale, 0.0)
+        dv = tl.where(keep[:, None], dv, 0.0)
+        # DK/DV are allocated contiguous like K's [B, H, Nk, D] view
+        dkdv_off = off_bh.to(tl.int64) * Nk * HEAD_DIM
+        _store_rows(DK + dkdv_off, dk.to(DK.dtype.element_ty), offs_n, offs_d, HEAD_DIM, 1, Nk, HEAD_DIM, BLOCK_D)
+        _store_rows(DV + dkdv_off, dv.to(DV.dtype.element_ty), offs_n, offs_d, HEAD_DIM, 1, Nk, HEAD_DIM, BLOCK_D)
+
+    @triton.jit
+    def _dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd,
+                  offs_m, offs_d, lo, hi, n_valid, diag, Nk, qk_scale,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_base, offs_n, offs_d, skn, skd, Nk, HEAD_DIM, BLOCK_D, MASKED)
+            v = _load_rows(v_base, offs_n, offs_d, svn, svd, Nk, HEAD_DIM, BLOCK_D, MASKED)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            p = tl.math.exp2(qk - lse[:, None])
+            if MASKED or HAS_KPM:
+                vis = _visible(offs_m, offs_n, n_valid, diag, kpm_base, Nk, CAUSAL and MASKED, HAS_KPM)
+                p = tl.where(vis, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        return dq
+
+    @triton.jit(do_not_specialize=_SEQ_ARGS)
+    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, KVL,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                     sdob, sdoh, sdom, sdod, skpm_b,
+                     H, Nq, Nk, qk_scale, sm_scale, NQ_BUCKET, NK_BUCKET,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = off_bh // H
+        off_h = off_bh % H
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = _load_rows(Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh,
+                       offs_m, offs_d, sqm, sqd, Nq, HEAD_DIM, BLOCK_D, True)
+        do = _load_rows(DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh,
+                        offs_m, offs_d, sdom, sdod, Nq, HEAD_DIM, BLOCK_D, True)
+        lse = tl.load(LSE + off_bh.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
+        delta = tl.load(DELTA + off_bh.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+        k_base = K + off_b.to(tl.int64) * skb + off_h.to(tl.int64) * skh
+        v_base = V + off_b.to(tl.int64) * svb + off_h.to(tl.int64) * svh
+        kpm_base = KPM + off_b.to(tl.int64) * skpm_b
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        n_valid, full_end, hi = _key_bounds(start_m, Nq, Nk, KVL, off_b, BLOCK_M, BLOCK_N, CAUSAL, HAS_KVLEN)
+        diag = Nk - Nq
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd,
+                       offs_m, offs_d, 0, full_end, n_valid, diag, Nk, qk_scale,
+                       BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, HAS_KPM, DOT_PREC)
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd,
+                       offs_m, offs_d, full_end, hi, n_valid, diag, Nk, qk_scale,
+                       BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, HAS_KPM, DOT_PREC)
+        dq = dq * sm_scale
+        dq_off = off_bh.to(tl.int64) * Nq * HEAD_DIM
+        _store_rows(DQ + dq_off, dq.to(DQ.dtype.element_ty), offs_m, offs_d, HEAD_DIM, 1, Nq, HEAD_DIM, BLOCK_D)
+
+
+
+# --------------------------------------------------------------------------------------------
+# launch configuration
+# --------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper (H100/H200) candidates after the Triton
+# tutorial's sweep; kept short because each one is compiled per specialisation, and tuning runs
+# once per process and (pow2-bucketed) shape.
+FWD_CONFIGS = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4))
+DKDV_CONFIGS = ((64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3))
+DQ_CONFIGS = ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3))
+FIXED_CONFIG = {"fwd": FWD_CONFIGS[0], "dkdv": DKDV_CONFIGS[0], "dq": DQ_CONFIGS[0]}
+# fp32 inputs (exact "ieee" dots, for checks) spill heavily at the bf16 tiles: small fixed tiles
+_FP32_CONFIG = (64, 32, 4, 2)
+# head dims above 64 need 8 warps at these tiles to avoid spills (compile_check: D=128)
+_WIDE_CONFIG = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (128, 64, 8, 3)}
+_INTERPRET_CONFIG = (16, 16, 4, 1)  # tl.dot's minimum tile; keeps the CPU interpreter fast
+_PRE_BLOCK = 64
+_AUTOTUNE_KEY = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_KVLEN", "DOT_PREC"]
+
+
+def autotune_enabled() -> bool:
+    """LAPVQA_ATTENTION_AUTOTUNE=0 uses FIXED_CONFIG: no tuning, fast start, fixed configs."""
+    return not INTERPRET and os.environ.get("LAPVQA_ATTENTION_AUTOTUNE", "1") != "0"
+
+
+def _bench(fn, quantiles):  # short timing runs: tuning happens inside training and benchmarks
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _tuned(kernel, configs):
+    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in configs]
+    return triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY, do_bench=_bench)(kernel)
+
+
+if AVAILABLE:
+    # the bucket args only feed the autotune key (a decoder sees many lengths; tune per pow2)
+    _KERNELS = {
+        "fwd": (_attn_fwd, _tuned(_attn_fwd, FWD_CONFIGS)),
+        "dkdv": (_attn_bwd_dkdv, _tuned(_attn_bwd_dkdv, DKDV_CONFIGS)),
+        "dq": (_attn_bwd_dq, _tuned(_attn_bwd_dq, DQ_CONFIGS)),
+    }
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _run(stage, rows, bh, args, meta, config):
+    """Launch `stage` over cdiv(rows, BLOCK)*bh programs; fixed `config` or autotuned (None)."""
+    plain, tuned = _KERNELS[stage]
+    block = "BLOCK_N" if stage == "dkdv" else "BLOCK_M"
+    if config is None and INTERPRET:
+        config = _INTERPRET_CONFIG
+    elif config is None and meta["DOT_PREC"] == "ieee":
+        config = _FP32_CONFIG
+    elif config is None and meta["HEAD_DIM"] > 64:
+        config = _WIDE_CONFIG[stage]
+    elif config is None and not autotune_enabled():
+        config = FIXED_CONFIG[stage]
+    if config is None:
+        tuned[lambda m: (triton.cdiv(rows, m[block]), bh)](*args, **meta)
+        return
+    bm, bn, warps, stages = config
+    grid = (triton.cdiv(rows, bm if block == "BLOCK_M" else bn), bh)
+    plain[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+
+def _strides(t):
+    return tuple(t.stride())
+
+
+def _meta(q, k, causal, kpm, kvl):
+    d = q.shape[-1]
+    return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=bool(causal),
+                HAS_KPM=kpm is not None, HAS_KVLEN=kvl is not None,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _forward(q, k, v, causal, kpm, kvl, scale, configs):
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    o = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B * H, Nq), device=q.device, dtype=torch.float32)
+    if B * H * Nq == 0:
+        return o, lse
+    kpm_t = kpm if kpm is not None else lse  # never read when HAS_KPM is False
+    kvl_t = kvl if kvl is not None else lse
+    args = (q, k, v, o, lse, kpm_t, kvl_t, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            kpm_t.stride(0), H, Nq, Nk, scale * _LOG2E)
+    meta = dict(_meta(q, k, causal, kpm, kvl), NQ_BUCKET=_bucket(Nq), NK_BUCKET=_bucket(Nk))
+    _run("fwd", Nq, B * H, args, meta, configs.get("fwd"))
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, causal, kpm, kvl, scale, configs):
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    dq = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, H, Nk, D), device=q.device, dtype=k.dtype)
+    dv = torch.empty((B, H, Nk, D), device=q.device, dtype=v.dtype)
+    delta = torch.empty_like(lse)
+    meta = _meta(q, k, causal, kpm, kvl)
+    if B * H * Nq:
+        block = _INTERPRET_CONFIG[0] if INTERPRET else _PRE_BLOCK
+        _attn_bwd_pre[(triton.cdiv(Nq, block), B * H)](
+            o, do, delta, *_strides(o), *_strides(do), H, Nq,
+            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
+    kpm_t = kpm if kpm is not None else lse
+    kvl_t = kvl if kvl is not None else lse
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), kpm_t.stride(0),
+              H, Nq, Nk, scale * _LOG2E, scale)
+    meta.update(NQ_BUCKET=_bucket(Nq), NK_BUCKET=_bucket(Nk))
+    if B * H * Nk:
+        _run("dkdv", Nk, B * H, (q, k, v, do, lse, delta, dk, dv, kpm_t, kvl_t, *common), meta,
+             configs.get("dkdv"))
+    if B * H * Nq:
+        _run("dq", Nq, B * H, (q, k, v, do, lse, delta, dq, kpm_t, kvl_t, *common), meta,
+             configs.get("dq"))
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, kpm, kvl, scale, configs):
+        o, lse = _forward(q, k, v, causal, kpm, kvl, scale, configs)
+        ctx.save_for_backward(q, k, v, o, lse, kpm, kvl)
+        ctx.causal, ctx.scale, ctx.configs = causal, scale, configs
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, kpm, kvl = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, kpm, kvl, ctx.scale, ctx.configs)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def unsupported_reason(q, k, v, key_padding_mask=None, kv_lens=None):
+    """None when the kernel can run these inputs, else a one-line reason."""
+    if not AVAILABLE:
+        return "triton is not installed"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"expected 4-d q/k/v [B, H, N, D], got {q.dim()}/{k.dim()}/{v.dim()}-d"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q/k/v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
+    if q.device != k.device or q.device != v.device:
+        return "q/k/v are on different devices"
+    if q.device.type != "cuda" and not INTERPRET:
+        return f"{q.device.type} tensors need TRITON_INTERPRET=1 set before importing {__name__}"
+    B, H, _, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape != k.shape or k.shape[-1] != D:
+        return f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if D > MAX_HEAD_DIM:
+        return f"head dim {D} > {MAX_HEAD_DIM}"
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, k.shape[2]):
+        return f"key_padding_mask shape {tuple(key_padding_mask.shape)} != {(B, k.shape[2])}"
+    if kv_lens is not None and tuple(kv_lens.shape) != (B,):
+        return f"kv_lens shape {tuple(kv_lens.shape)} != {(B,)}"
+    return None
+
+
+def flash_attention(q, k, v, *, causal=False, key_padding_mask=None, kv_lens=None, scale=None,
+                    configs=None):
+    """The fused kernel (same contract as lapvqa.ops.attention). `configs` optionally forces
+    {"fwd"|"dkdv"|"dq": (BLOCK_M, BLOCK_N, num_warps, num_stages)} (tests, benchmarks)."""
+    reason = unsupported_reason(q, k, v, key_padding_mask, kv_lens)
+    if reason is not None:
+        raise ValueError(f"flash_attention: {reason}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    kpm = None
+    if key_padding_mask is not None:  # bytes: 1 = keep
+        kpm = key_padding_mask.to(device=q.device, dtype=torch.bool).contiguous().view(torch.uint8)
+    kvl = None if kv_lens is None else kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    return _FlashAttention.apply(q, k, v, bool(causal), kpm, kvl, float(scale), dict(configs or {}))
