@@ -102,7 +102,7 @@ def timm_vit(config, **kwargs):
         img_size=c.image_size, patch_size=c.patch_size, embed_dim=c.enc_width, depth=c.enc_depth,
         num_heads=c.enc_heads, mlp_ratio=ratio, qkv_bias=True, class_token=False, global_pool="",
         num_classes=0, **kwargs)
-    vit.pretrained_cfg = dict(vit.pretrained_cfg or {}, input_size=(3, c.image_size, c.image_size),
+    vit.pretrained_cfg = dict(getattr(vit, "pretrained_cfg", None) or {}, input_size=(3, c.image_size, c.image_size),
                               mean=tuple(c.pixel_mean), std=tuple(c.pixel_std))
     return vit
 
