@@ -106,7 +106,9 @@ def render_slurm_conf(paths: ClusterPaths, ctld_port: int, node_ports: list[int]
         f"SlurmdPort={node_ports[0]}",
         "AuthType=auth/munge",
         "CredType=cred/munge",
-        f"AuthInfo=socket={paths.munge_socket}",
+        # cred_expire also sets how long a requeued job waits before it may start again
+        # (default 120 s); short here so the preemption test requeues within seconds.
+        f"AuthInfo=socket={paths.munge_socket},cred_expire=5",
         "SlurmUser=root",
         "SlurmdUser=root",
         f"StateSaveLocation={b}/state",
@@ -125,9 +127,12 @@ def render_slurm_conf(paths: ClusterPaths, ctld_port: int, node_ports: list[int]
         "JobCompType=jobcomp/none",
         "SwitchType=switch/none",
         "MpiDefault=none",
+        "MailProg=/bin/true",
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_CPU",
         "SchedulerType=sched/backfill",
+        # Frequent scheduling passes: a requeued job starts as soon as it is eligible.
+        "SchedulerParameters=bf_interval=1,sched_interval=1,sched_min_interval=0",
         # Take the configured CPUs/memory as given (both slurmd see the same host).
         "SlurmdParameters=config_overrides",
         "ReturnToService=2",
