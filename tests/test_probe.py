@@ -18,7 +18,7 @@ from PIL import Image
 
 from lapvqa import probe, probe_data
 from lapvqa.probe_data import CHEXPERT_CLASSES, NIH_CLASSES
-from tests.release_helpers import make_release
+from release_helpers import make_release
 
 N_TRAIN, N_TEST = 48, 32
 CHEX_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding",
