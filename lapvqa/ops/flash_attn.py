@@ -50,6 +50,22 @@ _SEQ_ARGS = ("H", "Nq", "Nk", "NQ_BUCKET", "NK_BUCKET")
 if AVAILABLE:
 
     @triton.jit
+    def _mm(a, b, DOT_PREC: tl.constexpr):
+        # "f32ops": the interpreter's bf16 tl.dot is wrong (triton 3.8), so under
+        # TRITON_INTERPRET=1 bf16 operands are widened exactly to fp32 first; never on a GPU.
+        if DOT_PREC == "f32ops":
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision=DOT_PREC)
+
+    @triton.jit
+    def _mma(a, b, acc, DOT_PREC: tl.constexpr):
+        if DOT_PREC == "f32ops":
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+    @triton.jit
     def _load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_MASK: tl.constexpr):
         """[len(offs_r), BLOCK_D] tile; rows >= n_rows (if ROW_MASK) and padded dims read 0."""
@@ -118,7 +134,7 @@ if AVAILABLE:
             start_n = tl.multiple_of(start_n, BLOCK_N)
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, Nk, HEAD_DIM, BLOCK_D, MASKED)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            qk = _mm(q, tl.trans(k), DOT_PREC) * qk_scale
             if MASKED or HAS_KPM:
                 vis = _visible(offs_m, offs_n, n_valid, diag, kpm_base, Nk, CAUSAL and MASKED, HAS_KPM)
                 qk = tl.where(vis, qk, float("-inf"))
@@ -132,7 +148,7 @@ if AVAILABLE:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, Nk, HEAD_DIM, BLOCK_D, MASKED)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+            acc = _mma(p.to(v.dtype), v, acc, DOT_PREC)
             m_i = m_new
         return acc, l_i, m_i
 
@@ -205,14 +221,14 @@ if AVAILABLE:
             # rows past Nq read lse=+inf, so their probabilities are exactly 0
             lse = tl.load(lse_base + offs_m, mask=offs_m < Nq, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=offs_m < Nq, other=0.0)
-            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+            qkT = _mm(k, tl.trans(q), DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
             pT = tl.math.exp2(qkT - lse[None, :])
             if MASKED:  # causal diagonal blocks
                 pT = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pT, 0.0)
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dv = _mma(pT.to(do.dtype), do, dv, DOT_PREC)
+            dpT = _mm(v, tl.trans(do), DOT_PREC)
             dsT = pT * (dpT - delta[None, :])
-            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+            dk = _mma(dsT.to(q.dtype), q, dk, DOT_PREC)
         return dk, dv
 
     @triton.jit(do_not_specialize=_SEQ_ARGS)
@@ -284,14 +300,14 @@ if AVAILABLE:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_rows(k_base, offs_n, offs_d, skn, skd, Nk, HEAD_DIM, BLOCK_D, MASKED)
             v = _load_rows(v_base, offs_n, offs_d, svn, svd, Nk, HEAD_DIM, BLOCK_D, MASKED)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            qk = _mm(q, tl.trans(k), DOT_PREC) * qk_scale
             p = tl.math.exp2(qk - lse[:, None])
             if MASKED or HAS_KPM:
                 vis = _visible(offs_m, offs_n, n_valid, diag, kpm_base, Nk, CAUSAL and MASKED, HAS_KPM)
                 p = tl.where(vis, p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            dp = _mm(do, tl.trans(v), DOT_PREC)
             ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+            dq = _mma(ds.to(k.dtype), k, dq, DOT_PREC)
         return dq
 
     @triton.jit(do_not_specialize=_SEQ_ARGS)
@@ -409,7 +425,13 @@ def _meta(q, k, causal, kpm, kvl):
     d = q.shape[-1]
     return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=bool(causal),
                 HAS_KPM=kpm is not None, HAS_KVLEN=kvl is not None,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                DOT_PREC=_dot_precision(q.dtype))
+
+
+def _dot_precision(dtype):
+    if dtype == torch.float32:
+        return "ieee"  # exact fp32 products: fp32 inputs are for checks, not speed
+    return "f32ops" if INTERPRET and dtype == torch.bfloat16 else "tf32"  # tf32: unused for 16-bit
 
 
 def _forward(q, k, v, causal, kpm, kvl, scale, configs):

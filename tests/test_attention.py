@@ -1,0 +1,200 @@
+"""The fused attention kernel (Triton interpreter on CPU) against a float64 reference.
+
+Triton decides interpreter vs compiler when a kernel is decorated, i.e. when
+lapvqa.ops.flash_attn is imported, so TRITON_INTERPRET=1 is set before that import (and the
+module is reloaded if another test imported it earlier without the variable).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lapvqa.ops import flash_attn  # noqa: E402
+from lapvqa.ops.reference import reference_attention  # noqa: E402
+
+# lapvqa.ops re-exports the function `attention`, which shadows the submodule's name
+dispatch = importlib.import_module("lapvqa.ops.attention")
+if flash_attn.AVAILABLE and not flash_attn.INTERPRET:
+    flash_attn = importlib.reload(flash_attn)
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not flash_attn.AVAILABLE, reason="triton is not installed"),
+]
+
+B, H = 2, 2
+
+
+def _inputs(nq, nk, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, d, generator=g, dtype=dtype) for n in (nq, nk, nk))
+    do = torch.randn(B, H, nq, d, generator=g, dtype=dtype)
+    return q, k, v, do
+
+
+def _grads(fn, q, k, v, do, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    out.backward(do)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _check(nq, nk, d, atol=2e-5, **kw):
+    q, k, v, do = _inputs(nq, nk, d)
+    got = _grads(flash_attn.flash_attention, q, k, v, do, **kw)
+    want = _grads(reference_attention, *(t.double() for t in (q, k, v, do)), **kw)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.double(), w, atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    return got, want
+
+
+# (nq, nk, d, kwargs): every mode on odd lengths that straddle the 16-wide interpreter blocks
+CASES = {
+    "self": (33, 33, 64, {}),
+    "self_len1": (1, 1, 32, {}),
+    "cross_nq<nk": (17, 70, 32, {}),
+    "cross_nq>nk": (70, 17, 32, {}),
+    "causal_square": (33, 33, 64, {"causal": True}),
+    "causal_nq<nk": (17, 70, 32, {"causal": True}),  # bottom-right: KV-cache decoding
+    "causal_single_query": (1, 33, 32, {"causal": True}),
+    "causal_nq>nk": (70, 33, 32, {"causal": True}),  # first 37 rows see nothing -> zeros
+    "head_dim_48_padded": (17, 33, 48, {}),
+    "scale": (17, 33, 32, {"scale": 0.3}),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_matches_reference(name):
+    nq, nk, d, kw = CASES[name]
+    _check(nq, nk, d, **kw)
+
+
+def test_key_padding_mask_and_fully_masked_rows():
+    kpm = torch.rand(B, 70, generator=torch.Generator().manual_seed(1)) > 0.4
+    kpm[1] = False  # batch 1: no key at all -> zero output, zero grads
+    (out, dq, dk, dv), _ = _check(33, 70, 32, key_padding_mask=kpm)
+    assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+    assert (dk[0][:, ~kpm[0]] == 0).all() and (dv[0][:, ~kpm[0]] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kv_lens(causal):
+    lens = torch.tensor([0, 37])
+    (out, dq, dk, dv), _ = _check(33, 70, 32, causal=causal, kv_lens=lens)
+    assert (out[0] == 0).all() and (dq[0] == 0).all() and (dk[1, :, 37:] == 0).all()
+
+
+def test_kv_lens_and_mask_together_with_causal():
+    kpm = torch.ones(B, 33, dtype=torch.bool)
+    kpm[:, 3] = False
+    _check(17, 33, 32, causal=True, key_padding_mask=kpm, kv_lens=torch.tensor([20, 33]))
+
+
+def test_kv_lens_equals_prefix_mask():
+    lens = torch.tensor([5, 30])
+    kpm = torch.arange(33)[None, :] < lens[:, None]
+    q, k, v, _ = _inputs(17, 33, 32)
+    a = flash_attn.flash_attention(q, k, v, kv_lens=lens)
+    b = flash_attn.flash_attention(q, k, v, key_padding_mask=kpm)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_strided_views_from_fused_qkv():
+    """q/k/v as the model makes them: head-split views of one [B, N, 3, H, D] projection."""
+    n, d = 33, 32
+    qkv = torch.randn(B, n, 3, H, d, generator=torch.Generator().manual_seed(2))
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    do = torch.randn(B, H, n, d).transpose(-1, -2).contiguous().transpose(-1, -2)  # strided dO
+    got = _grads(flash_attn.flash_attention, q, k, v, do, causal=True)
+    want = _grads(reference_attention, q.double(), k.double(), v.double(), do.double(), causal=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    q, k, v, do = _inputs(17, 33, 32, dtype=dtype)
+    got = _grads(flash_attn.flash_attention, q, k, v, do, causal=True)
+    want = _grads(reference_attention, *(t.double() for t in (q, k, v, do)), causal=True)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), w, atol=3e-2, rtol=3e-2)
+
+
+def test_empty_key_sequence_gives_zeros():
+    q, k, v, do = _inputs(5, 0, 16)
+    out, dq, dk, dv = _grads(flash_attn.flash_attention, q, k, v, do)
+    assert out.shape == (B, H, 5, 16) and (out == 0).all() and (dq == 0).all() and dk.shape == k.shape
+
+
+def test_rejects_bad_input_with_one_line_reason():
+    q = torch.randn(1, 1, 4, 256)
+    with pytest.raises(ValueError, match="head dim 256"):
+        flash_attn.flash_attention(q, q, q)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        flash_attn.flash_attention(q[..., :16], q[..., :16].double(), q[..., :16])
+
+
+# ------------------------------------------------------------------------------------------
+# dispatcher
+# ------------------------------------------------------------------------------------------
+
+def test_dispatcher_env_var(monkeypatch):
+    q, k, v, _ = _inputs(9, 9, 16)
+    monkeypatch.setenv("LAPVQA_ATTENTION", "triton")
+    assert dispatch.choose_backend(q, k, v) == "triton"  # CPU + TRITON_INTERPRET=1
+    out = dispatch.attention(q, k, v, causal=True)
+    torch.testing.assert_close(out, reference_attention(q, k, v, causal=True), atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("LAPVQA_ATTENTION", "sdpa")
+    assert dispatch.choose_backend(q, k, v) == "sdpa"
+    monkeypatch.setenv("LAPVQA_ATTENTION", "auto")
+    assert dispatch.choose_backend(q, k, v) == "sdpa"  # auto never uses the kernel on CPU
+    monkeypatch.setenv("LAPVQA_ATTENTION", "cudnn")
+    with pytest.raises(ValueError, match="LAPVQA_ATTENTION"):
+        dispatch.attention(q, k, v)
+
+
+def test_dispatcher_cpu_without_interpreter_falls_back(monkeypatch):
+    q, k, v, _ = _inputs(9, 9, 16)
+    monkeypatch.setenv("LAPVQA_ATTENTION", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.warns(RuntimeWarning, match="CPU tensors use SDPA"):
+        assert dispatch.choose_backend(q, k, v) == "sdpa"
+
+
+def test_dispatcher_forced_triton_rejects_unsupported(monkeypatch):
+    monkeypatch.setenv("LAPVQA_ATTENTION", "triton")
+    q = torch.randn(1, 1, 4, 256)
+    with pytest.raises(ValueError, match="LAPVQA_ATTENTION=triton: head dim 256"):
+        dispatch.attention(q, q, q)
+
+
+def test_auto_rule_matching():
+    rule = dispatch.AutoRule(causal=False, masked=False, head_dims=(64,), nq=(513, 1024),
+                             nk=(513, 1024), training=True)
+    q = torch.empty(1, 1, 729, 64, dtype=torch.bfloat16)
+    assert rule.matches(q, q, False, False, True)
+    assert not rule.matches(q, q, True, False, True)
+    assert not rule.matches(q, q, False, False, False)
+    assert not rule.matches(q.float(), q.float(), False, False, True)
+    assert not rule.matches(q[:, :, :256], q[:, :, :256], False, False, True)
+
+
+@pytest.mark.parametrize("mode", ["sdpa", "triton"])
+def test_sdpa_and_kernel_paths_agree_on_contract(monkeypatch, mode):
+    """Both backends honour the same contract (masks, bottom-right causal, empty rows)."""
+    monkeypatch.setenv("LAPVQA_ATTENTION", mode)
+    q, k, v, _ = _inputs(20, 12, 16)
+    kpm = torch.ones(B, 12, dtype=torch.bool)
+    kpm[0, 5:] = False
+    out = dispatch.attention(q, k, v, causal=True, key_padding_mask=kpm)
+    want = reference_attention(q, k, v, causal=True, key_padding_mask=kpm)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
