@@ -1,0 +1,125 @@
+"""Running this task's share of the plan: worker processes, progress, finalization, summary."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue as queue_mod
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+from ..storage import open_store
+from .config import RunOptions, ShardConfig
+from .inputs import discover
+from .manifest import MANIFEST, check_plan_file, finalize
+from .plan import ShardJob, build_plan
+from .summary import print_summary
+from .writer import JobContext, ShardResult, run_job
+
+__all__ = ["run_shard", "run_finalize", "execute"]
+
+_CTX: JobContext | None = None
+_QUEUE = None
+
+
+def _init_worker(ctx: JobContext, q) -> None:
+    global _CTX, _QUEUE
+    _CTX, _QUEUE = ctx, q
+
+
+def _worker_job(job: ShardJob) -> ShardResult:
+    return run_job(job, _CTX, _QUEUE.put)
+
+
+def _mp_context():
+    # Never plain fork: the parent may hold boto3/thread state. forkserver forks from a clean,
+    # pre-warmed server; spawn where forkserver does not exist.
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["lapvqa.shard._preload"])
+        return ctx
+    return mp.get_context("spawn")
+
+
+def _drain(q, bar) -> None:
+    while True:
+        try:
+            bar.update(q.get_nowait())
+        except queue_mod.Empty:
+            return
+
+
+def execute(jobs: list[ShardJob], ctx: JobContext, workers: int, bar) -> list[ShardResult]:
+    """Run jobs (whole shards) on ``workers`` processes; results in job order."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [run_job(j, ctx, bar.update) for j in jobs]
+    mpc = _mp_context()
+    q = mpc.Queue()
+    results = []
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mpc, initializer=_init_worker,
+                             initargs=(ctx, q)) as ex:
+        pending = {ex.submit(_worker_job, j) for j in jobs}
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                _drain(q, bar)
+                results.extend(f.result() for f in done)
+        except BaseException:
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
+        _drain(q, bar)
+    order = {j.name: j.index for j in jobs}
+    return sorted(results, key=lambda r: order[r.name])
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, unit="img", desc="sharding", disable=not enabled, dynamic_ncols=True,
+                mininterval=0.5 if tty else 30.0, smoothing=0.1, file=sys.stderr)
+
+
+def _prepare(opts: RunOptions, cfg: ShardConfig):
+    inputs = discover(opts.images, opts.reports, opts.metadata, cfg.labels)
+    plan = build_plan(inputs, cfg)
+    return inputs, plan
+
+
+def run_shard(opts: RunOptions, cfg: ShardConfig) -> int:
+    t0 = time.time()
+    inputs, plan = _prepare(opts, cfg)
+    store = open_store(opts.out)
+    check_plan_file(store, plan, cfg.settings(), opts.overwrite)
+    jobs = plan.for_task(opts.task_index, opts.num_tasks)
+    workers = opts.resolved_workers()
+    ctx = JobContext(cfg, opts.out, opts.images, inputs.reports, plan.plan_hash,
+                     opts.io_threads, opts.resume_check)
+    print(f"lapvqa.shard: {inputs.kind} input, {plan.listed} images listed, {len(plan.jobs)} shards "
+          f"planned; task {opts.task_index + 1}/{opts.num_tasks} does {len(jobs)} shards with "
+          f"{workers} worker(s) -> {store.url('')}", file=sys.stderr)
+    if inputs.split_source.startswith("hash"):
+        print("lapvqa.shard: warning: no mimic-cxr-2.0.0-split.csv: using a patient-level hash "
+              "split (not the official one; pass --metadata MIMIC_CXR_JPG_ROOT)", file=sys.stderr)
+    with _bar(sum(len(j.records) for j in jobs), opts.progress) as bar:
+        results = execute(jobs, ctx, workers, bar)
+    manifest, missing = finalize(store, plan, cfg.settings(), inputs,
+                                 known={r.name: r for r in results})
+    print_summary(results, plan, manifest, missing, time.time() - t0, store.url(MANIFEST))
+    return 0
+
+
+def run_finalize(opts: RunOptions, cfg: ShardConfig) -> int:
+    inputs, plan = _prepare(opts, cfg)
+    store = open_store(opts.out)
+    check_plan_file(store, plan, cfg.settings(), overwrite=False)
+    from .manifest import collect
+
+    manifest, missing = finalize(store, plan, cfg.settings(), inputs)
+    if manifest is None:
+        _, missing = collect(store, plan, stop_at_missing=False)
+        print(f"lapvqa.shard: error: {len(missing)} of {len(plan.jobs)} shards not done yet "
+              f"(first: {', '.join(missing[:5])}); run the missing tasks again", file=sys.stderr)
+        return 1
+    print_summary([], plan, manifest, [], 0.0, store.url(MANIFEST))
+    return 0
