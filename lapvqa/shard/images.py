@@ -11,6 +11,7 @@ with black (the radiograph background), centred.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,8 +177,11 @@ def process_image(data: bytes, *, size: int = 384, quality: int = 95,
         raise
     except Image.DecompressionBombError as e:
         raise ImageError("image_unreadable", str(e)[:200]) from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("image_unreadable", "not a recognised image format") from None
     except Exception as e:  # decoders raise many types; each is a counted reject, never a crash
-        msg = f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
+        # no object addresses in the message: rejects.jsonl must be reproducible
+        msg = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}").replace("\n", " ")[:200]
         reason = "image_truncated" if "truncat" in msg.lower() else "image_unreadable"
         raise ImageError(reason, msg) from None
     if min(orig) < min_side:

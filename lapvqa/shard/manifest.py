@@ -33,7 +33,7 @@ def check_plan_file(store: Store, plan: Plan, settings: dict, overwrite: bool) -
     """Refuse to mix shards of different inputs/settings in one output location."""
     try:
         old = json.loads(store.read_bytes(PLAN_FILE))
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # absent; writing will tell
         old = None
     if old is not None and old.get("plan_hash") != plan.plan_hash and not overwrite:
         changed = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])

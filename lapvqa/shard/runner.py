@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue as queue_mod
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 from ..storage import open_store
 from .config import RunOptions, ShardConfig
@@ -22,9 +24,12 @@ _CTX: JobContext | None = None
 _QUEUE = None
 
 
-def _init_worker(ctx: JobContext, q) -> None:
+def _init_worker(ctx: JobContext, q, env: dict) -> None:
     global _CTX, _QUEUE
     _CTX, _QUEUE = ctx, q
+    # A forkserver keeps the environment of the moment it started; the run's (AWS_* etc.) wins.
+    os.environ.clear()
+    os.environ.update(env)
 
 
 def _worker_job(job: ShardJob) -> ShardResult:
@@ -57,7 +62,7 @@ def execute(jobs: list[ShardJob], ctx: JobContext, workers: int, bar) -> list[Sh
     q = mpc.Queue()
     results = []
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mpc, initializer=_init_worker,
-                             initargs=(ctx, q)) as ex:
+                             initargs=(ctx, q, dict(os.environ))) as ex:
         pending = {ex.submit(_worker_job, j) for j in jobs}
         try:
             while pending:
@@ -102,7 +107,12 @@ def run_shard(opts: RunOptions, cfg: ShardConfig) -> int:
         print("lapvqa.shard: warning: no mimic-cxr-2.0.0-split.csv: using a patient-level hash "
               "split (not the official one; pass --metadata MIMIC_CXR_JPG_ROOT)", file=sys.stderr)
     with _bar(sum(len(j.records) for j in jobs), opts.progress) as bar:
-        results = execute(jobs, ctx, workers, bar)
+        try:
+            results = execute(jobs, ctx, workers, bar)
+        except BrokenProcessPool:
+            print("lapvqa.shard: error: a worker process died (killed, or out of memory?); "
+                  "finished shards are kept: re-run the same command to resume", file=sys.stderr)
+            return 1
     manifest, missing = finalize(store, plan, cfg.settings(), inputs,
                                  known={r.name: r for r in results})
     print_summary(results, plan, manifest, missing, time.time() - t0, store.url(MANIFEST))

@@ -43,6 +43,8 @@ class Sources:
             raise
 
     def report_bytes(self, loc: str) -> bytes:
+        if not loc:
+            raise FileNotFoundError("study not in the reports zip")
         if self.reports.is_zip:
             if self._zip is None:
                 self._zip = zipfile.ZipFile(self.reports.url)
@@ -104,8 +106,8 @@ def _reject(rec: Record, reason: str, detail: str = "", warnings=()) -> SampleRe
 
 
 def _text(rec: Record, data, cfg: ShardConfig) -> tuple[str, list[str]]:
-    if isinstance(data, (FileNotFoundError, KeyError)):
-        raise rep.ReportError("report_missing", rec.report)
+    if not rec.report or isinstance(data, (FileNotFoundError, KeyError)):
+        raise rep.ReportError("report_missing", f"no report s{rec.study_id}.txt")
     if isinstance(data, Exception):
         raise rep.ReportError("report_unreadable", f"{type(data).__name__}: {data}"[:200])
     if not data.strip():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import sys
 import tarfile
 from collections import defaultdict
@@ -25,6 +26,7 @@ from ..storage import open_store
 from ..tokenizer import encode
 from .manifest import FORMAT, MANIFEST, REJECTS
 from .summary import format_counts, percentiles, split_table
+from .writer import _out_store
 
 __all__ = ["verify", "check_shard", "ShardCheck"]
 
@@ -85,7 +87,7 @@ def _check_sample(key: str, mem: dict[str, bytes], split: str, size: int, max_to
 
 def check_shard(out_url: str, split: str, entry: dict, size: int, max_tokens: int) -> ShardCheck:
     check = ShardCheck(entry["name"], split)
-    store = open_store(out_url)
+    store = _out_store(out_url)
     try:
         data = store.read_bytes(entry["name"])
     except (OSError, ValueError) as e:
@@ -131,6 +133,11 @@ def _cross_checks(store, manifest: dict, checks: list[ShardCheck]) -> list[str]:
     return problems
 
 
+def _set_env(env: dict) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+
+
 def verify(out_url: str, workers: int = 1, file=None) -> int:
     file = file or sys.stdout
     store = open_store(out_url)
@@ -148,7 +155,8 @@ def verify(out_url: str, workers: int = 1, file=None) -> int:
     if workers > 1 and len(args) > 1:
         from .runner import _mp_context
 
-        with ProcessPoolExecutor(min(workers, len(args)), mp_context=_mp_context()) as ex:
+        with ProcessPoolExecutor(min(workers, len(args)), mp_context=_mp_context(),
+                                 initializer=_set_env, initargs=(dict(os.environ),)) as ex:
             checks = list(ex.map(check_shard, *zip(*args)))
     else:
         checks = [check_shard(*a) for a in args]

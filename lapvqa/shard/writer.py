@@ -164,10 +164,18 @@ def _build(job: ShardJob, ctx: JobContext, src: Sources,
 
 
 _SOURCES: dict = {}
+_STORES: dict = {}
+
+
+def _out_store(url: str) -> Store:
+    # One store (one boto3 client: ~0.3 s to create) per process, not one per shard.
+    if url not in _STORES:
+        _STORES[url] = open_store(url)
+    return _STORES[url]
 
 
 def run_job(job: ShardJob, ctx: JobContext, progress: Callable[[int], None]) -> ShardResult:
-    store = open_store(ctx.out_url)
+    store = _out_store(ctx.out_url)
     store.cleanup_temp(job.name)  # leftovers of a killed earlier attempt at this very shard
     store.cleanup_temp(sidecar_name(job.name))
     done = existing_result(store, job, ctx)
