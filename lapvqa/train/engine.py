@@ -1,0 +1,66 @@
+"""Model + DeepSpeed engine from the config."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lapvqa.config import Config, ConfigError
+from lapvqa.train.ds_config import deepspeed_config, lr_scheduler, param_groups
+
+log = logging.getLogger("lapvqa.train")
+
+
+def model_config(cfg: Config):
+    from lapvqa.pretrain.model import ModelConfig, get_config
+    overrides = dict(cfg.model.overrides)
+    if cfg.model.image_size is not None:
+        overrides["image_size"] = cfg.model.image_size
+    if cfg.train.grad_checkpointing:
+        overrides.update(enc_grad_checkpointing=True, dec_grad_checkpointing=True)
+    known = {f for f in ModelConfig.__dataclass_fields__}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"model.overrides: unknown ModelConfig keys {unknown}; valid: {', '.join(sorted(known))}")
+    try:
+        mc = get_config(cfg.model.preset, **overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
+    if cfg.data.max_tokens + 2 > mc.max_positions:
+        raise ConfigError(f"data.max_tokens={cfg.data.max_tokens} + 2 EOTs exceeds the model's "
+                          f"max_positions={mc.max_positions}")
+    return mc
+
+
+def _cast_images_to_weights(module, args):
+    # The encoder normalises uint8 images to float32; under bf16 weights the patch projection
+    # needs its input in the weights' dtype (the forward pass is otherwise dtype-agnostic).
+    return (args[0].to(module.proj.weight.dtype),) + tuple(args[1:])
+
+
+def build_model(cfg: Config):
+    from lapvqa.pretrain.model import CaptioningModel
+    mc = model_config(cfg)
+    model = CaptioningModel(mc)
+    model.vision_encoder.patch_embed.register_forward_pre_hook(_cast_images_to_weights)
+    return mc, model
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> None:
+    """train.precision=auto: bf16 on GPUs; fp32 on CPU, where bf16 works but is slower here."""
+    if cfg.train.precision == "auto":
+        cfg.train.precision = "bf16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            log.info("train.precision=auto on CPU -> fp32 (DeepSpeed's CPU accelerator supports "
+                     "bf16 ZeRO-2, but CPUs without native bf16 matmul run it ~2x slower)")
+
+
+def build_engine(cfg: Config, model, info):
+    import deepspeed
+    resolve_precision(cfg, info.device)
+    ds = deepspeed_config(cfg, info.world_size, info.device)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds,
+        lr_scheduler=lr_scheduler(cfg))
+    return engine

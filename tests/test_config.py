@@ -1,0 +1,99 @@
+"""Typed config: YAML + dotted overrides, clear one-line errors, round trip, shipped configs load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lapvqa.config import Config, ConfigError, config_from_dict, dump_config, load_config, valid_keys
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _yaml(tmp_path, data) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_required_keys_exist_with_their_names():
+    keys = set(valid_keys())
+    for k in ("run.dir", "data.shards", "model.preset", "train.max_steps", "train.micro_batch_size",
+              "checkpoint.every_steps", "validate.every_steps", "seed"):
+        assert k in keys
+
+
+def test_yaml_then_overrides_typed(tmp_path):
+    p = _yaml(tmp_path, {"data": {"shards": "/s"}, "train": {"max_steps": 10, "lr": 1}})
+    cfg = load_config(p, ["--train.max_steps=20", "--run.dir", "runs/x", "--train.lr=5e-4",
+                          "--debug.nan_steps=[3, 4]", "--model.overrides.dec_dropout=0.0", "--seed=7"])
+    assert cfg.train.max_steps == 20 and isinstance(cfg.train.max_steps, int)
+    assert cfg.train.lr == 5e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.run.dir == "runs/x" and cfg.seed == 7
+    assert cfg.debug.nan_steps == [3, 4]
+    assert cfg.model.overrides == {"dec_dropout": 0.0}
+    # an int where a float is expected is fine (lr: 1 in YAML)
+    assert isinstance(load_config(p).train.lr, float)
+
+
+def test_unknown_key_lists_valid_ones(tmp_path):
+    p = _yaml(tmp_path, {"data": {"shards": "/s"}, "train": {"max_step": 10}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "train.max_step" in msg and "max_steps" in msg and "micro_batch_size" in msg
+    assert "\n" not in msg
+    with pytest.raises(ConfigError, match="valid top-level keys: run, data"):
+        load_config(None, ["--trian.max_steps=3"])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("--train.max_steps=abc", ["train.max_steps", "expected int", "'abc'"]),
+    ("--train.max_steps=1.5", ["train.max_steps", "expected int"]),
+    ("--run.tensorboard=maybe", ["run.tensorboard", "expected bool"]),
+    ("--train.precision=fp8", ["train.precision", "bf16"]),
+    ("--train.max_steps=0", ["train.max_steps", "> 0"]),
+    ("--train.lr", ["missing value"]),
+    ("train.lr=1", ["expected --section.key=value"]),
+])
+def test_bad_values_fail_clearly(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["--data.shards=/s", override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_shards_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="data.shards is required"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["--train.max_steps=7"])
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg and isinstance(again, Config)
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "pretrain.yaml", "s3_example.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.train.zero_stage == 2
+
+
+def test_cli_config_error_is_one_line(tmp_path):
+    p = _yaml(tmp_path, {"data": {"shards": "/s"}, "validate": {"every_step": 3}})
+    r = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(p)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "validate.every_step" in err[0] and "every_steps" in err[0], r.stderr
