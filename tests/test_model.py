@@ -212,3 +212,18 @@ def test_dataclass_is_json_friendly_for_checkpoints():
     d = dataclasses.asdict(get_config("card", enc_grad_checkpointing=[0, 1]))
     assert json.loads(json.dumps(d))["enc_grad_checkpointing"] == [0, 1]
     assert ModelConfig.from_dict(json.loads(json.dumps(d))).enc_grad_checkpointing == (0, 1)
+
+
+def test_bf16_weights_as_deepspeed_runs_them(tiny):
+    """DeepSpeed bf16 casts the whole module: uint8 images must still work, loss close to fp32."""
+    model = CaptioningModel(get_config("tiny")).eval()
+    model.load_state_dict(tiny.state_dict())
+    images, (tokens, mask) = _images(tiny.config, 2), _batch([6, 3], 8)
+    with torch.no_grad():
+        ref = tiny(images, tokens, mask)
+    model.to(torch.bfloat16)
+    loss = model(images, tokens, mask)
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05 * ref.item()
+    assert model.vision_encoder(images).dtype == torch.bfloat16
+    assert model.generate(images, max_new_tokens=3, num_beams=2).shape == (2, 3)

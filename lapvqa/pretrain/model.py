@@ -173,10 +173,12 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"images must be uint8 or float in [0,1], got {images.dtype}")
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # grayscale: the same pixels in every channel
-        return (x - self.pixel_mean) / self.pixel_std
+        # fp32 arithmetic even when the module was cast to bf16 (pixel steps of 1/255 need it)
+        return (x - self.pixel_mean.float()) / self.pixel_std.float()
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(self.normalize(images))  # [B, N, C]
+        x = self.normalize(images).to(self.patch_embed.proj.weight.dtype)  # bf16 weights: bf16 input
+        x = self.patch_embed(x)  # [B, N, C]
         x = self.pos_drop(x + self.pos_embed)
         x = run_blocks(self.blocks, x)
         return self.norm(x)  # [B, N, C]
