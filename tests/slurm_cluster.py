@@ -76,8 +76,11 @@ class ClusterPaths:
     base: Path
 
     def __post_init__(self) -> None:
-        for sub in ("munge", "state", "spool", "log", "run"):
+        for sub in ("state", "log", "run", *(f"spool/{n}" for n in NODES)):
             (self.base / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        # munged wants its socket folder searchable by all (clients of any user connect).
+        (self.base / "munge").mkdir(mode=0o755, exist_ok=True)
+        self.base.chmod(0o755)
 
     @property
     def conf(self) -> Path:
