@@ -6,7 +6,10 @@ with the reason when slurm-wlm/munge are not installed or we are not root (.ci/r
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +18,10 @@ import pytest
 from slurm_cluster import MARKER, SlurmCluster, unavailable_reason
 
 REPO = Path(__file__).resolve().parent.parent
+SLURM_DIR = REPO / "launch" / "slurm"
+# The scripts ask for production-sized resources (32 CPUs, 64 GB, GPUs); a user on a small
+# partition overrides them on the sbatch command line exactly like this.
+SMALL = ["--cpus-per-task=1", "--mem=1000"]
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None,
                                 reason=unavailable_reason() or "")
@@ -80,3 +87,47 @@ def test_stop_ends_daemons_and_running_jobs(tmp_path):
                 assert needle not in (d / "environ").read_bytes()
             except OSError:
                 pass
+
+
+# ------------------------------------------------------------------ sharding as a job array
+def _digest(out: Path) -> dict[str, str]:
+    """sha256 of every output file (the per-shard sidecars aside); manifest minus created_by."""
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and "_parts" not in p.relative_to(out).parts:
+            data = p.read_bytes()
+            if p.name == "manifest.json":
+                m = json.loads(data)
+                m.pop("created_by")
+                data = json.dumps(m, sort_keys=True).encode()
+            files[p.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
+    return files
+
+
+@pytest.mark.timeout(240)
+def test_shard_array_equals_single_process_run(cluster, tmp_path):
+    from lapvqa.shard import main as shard_main
+    from mimic_fixtures import write_mimic_jpg_tree
+
+    tree = write_mimic_jpg_tree(tmp_path / "mimic", n_studies=8,
+                                faults=("truncated_jpeg", "missing_report", "no_split"))
+    flags = ["--samples-per-shard", "3", "--no-progress"]
+    (tmp_path / "logs").mkdir()
+    env = {"IMAGES": str(tree.images_root), "REPORTS": str(tree.reports_dir),
+           "OUT": str(tmp_path / "array"), "PYTHON": sys.executable}
+    job = cluster.sbatch(["--array=0-1", *SMALL, str(SLURM_DIR / "shard.sbatch"), *flags],
+                         cwd=tmp_path, env=env)
+    # The single-process reference runs here while the array runs on the cluster.
+    ref = tmp_path / "single"
+    assert shard_main(["--images", str(tree.images_root), "--reports", str(tree.reports_dir),
+                       "--out", str(ref), "--workers", "1", "--task-index", "0",
+                       "--num-tasks", "1", *flags]) == 0
+    info = cluster.wait_job(job, timeout=180)
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*")))
+    assert sorted(_state(info)) == ["COMPLETED", "COMPLETED"], logs
+    assert len({j["ArrayTaskId"] for j in info}) == 2
+    # Both tasks did real work: each wrote shards (shard i belongs to task i mod 2).
+    assert "task 1/2" in logs and "task 2/2" in logs, logs
+    ref_digest = _digest(ref)
+    assert sum(n.endswith(".tar") for n in ref_digest) >= 4
+    assert _digest(tmp_path / "array") == ref_digest
