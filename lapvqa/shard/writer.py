@@ -137,29 +137,30 @@ def existing_result(store: Store, job: ShardJob, ctx: JobContext) -> ShardResult
 
 def _build(job: ShardJob, ctx: JobContext, src: Sources,
            progress: Callable[[int], None]) -> tuple[bytes, ShardResult]:
-    results: list[SampleResult] = []
+    rejects: list[dict] = []
+    lengths: list[int] = []
+    warnings: dict[str, int] = {}
 
     def samples():
         done = 0
         for rec, inputs in _prefetched(src, job.records, ctx.io_threads):
-            res = make_sample(rec, inputs, ctx.cfg)
-            results.append(res)
+            res: SampleResult = make_sample(rec, inputs, ctx.cfg)
+            for w in res.warnings:
+                warnings[w] = warnings.get(w, 0) + 1
             done += 1
             if done % 16 == 0:
                 progress(16)
-            if res.members is not None:
+            if res.members is None:
+                rejects.append(res.reject)
+            else:  # only the tar buffer keeps the bytes
+                lengths.append(res.n_tokens)
                 yield res.key, res.members
         progress(done % 16)
 
     data = tar_bytes(samples())
-    warnings: dict[str, int] = {}
-    for r in results:
-        for w in r.warnings:
-            warnings[w] = warnings.get(w, 0) + 1
-    kept = [r for r in results if r.members is not None]
-    res = ShardResult(job.name, job.split, len(kept), len(data), hashlib.sha256(data).hexdigest(),
-                      [r.reject for r in results if r.reject], dict(sorted(warnings.items())),
-                      [r.n_tokens for r in kept], planned=len(job.records))
+    res = ShardResult(job.name, job.split, len(lengths), len(data),
+                      hashlib.sha256(data).hexdigest(), rejects, dict(sorted(warnings.items())),
+                      lengths, planned=len(job.records))
     return data, res
 
 
