@@ -78,6 +78,7 @@ def test_samples_rejects_and_manifest(tree, reference):
     assert m["rejects"]["total"] == len(want)
     assert m["warnings"]["by_reason"]["report_non_utf8"] >= 1
     assert not list(reference.rglob(".tmp.*"))
+    assert m["settings"]["images_listed"] == len(want) + len(tree.expected_samples)
 
 
 @pytest.mark.timeout(120)
@@ -226,3 +227,26 @@ def test_dicom_root_with_and_without_jpg_csvs(tmp_path, capsys):
     assert sum(v["samples"] for v in m2["splits"].values()) == 4
     assert main(["--images", str(tree.images_root), "--reports", str(tree.reports_dir),
                  "--out", str(tmp_path / "o3"), "--views", "frontal", "--no-progress"]) == 2
+
+
+@pytest.mark.timeout(120)
+def test_missing_dicom_codec_stops_the_run_with_one_line(tmp_path, capsys):
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    tree = write_mimic_dicom_tree(tmp_path / "d", n_studies=2)
+    path = next(tree.images_root.rglob("*.dcm"))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"  # JPEG lossless: needs a plugin
+    ds.PixelData = encapsulate([b"\xff\xd8" + b"\x00" * 64])
+    ds.save_as(path, enforce_file_format=True)
+    try:
+        import pylibjpeg  # noqa: F401
+        pytest.skip("a JPEG-lossless DICOM decoder is installed here")
+    except ImportError:
+        pass
+    rc = main(["--images", str(tree.images_root), "--reports", str(tree.reports_dir),
+               "--metadata", str(tree.metadata_dir), "--out", str(tmp_path / "o"),
+               "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "1.2.840.10008.1.2.4.70" in err and "pip install" in err

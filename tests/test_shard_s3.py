@@ -52,3 +52,22 @@ def test_s3_unreachable_bucket_is_exit_3(moto_s3, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 3 and err.startswith("lapvqa.shard: I/O error: cannot write s3://no-such-bucket")
     assert "testing" not in err  # the (dummy) secret never appears
+
+
+@pytest.mark.timeout(180)
+def test_inputs_read_from_s3(moto_s3, tmp_path):
+    tree = write_mimic_jpg_tree(tmp_path / "mimic", n_studies=4, faults=("missing_report",))
+    src = open_store(moto_s3 + "/physionet")
+    for base, prefix in ((tree.images_root, "jpg"), (tree.reports_dir, "reports")):
+        for p in sorted(base.rglob("*")):
+            if p.is_file():
+                src.put_file_atomic(f"{prefix}/{p.relative_to(base).as_posix()}", p)
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    common = ["--samples-per-shard", "3", "--no-progress", "--workers", "1"]
+    assert main(["--images", str(tree.images_root), "--reports", str(tree.reports_dir),
+                 "--out", str(local), *common]) == 0
+    assert main(["--images", src.url("jpg"), "--reports", src.url("reports"),
+                 "--out", str(remote), *common]) == 0
+    for p in local.glob("*.tar"):
+        assert (remote / p.name).read_bytes() == p.read_bytes()
+    assert (remote / "rejects.jsonl").read_bytes() == (local / "rejects.jsonl").read_bytes()

@@ -18,10 +18,17 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-__all__ = ["ImageError", "ProcessedImage", "process_image", "fit_size", "encode_gray_jpeg"]
+from .inputs import InputError
+
+__all__ = ["ImageError", "MissingCodecError", "ProcessedImage", "process_image", "fit_size", "encode_gray_jpeg"]
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # radiographs are big; still guard against bombs
 _RESAMPLE = Image.Resampling.BICUBIC  # antialiased in Pillow (support scales with the factor)
+
+
+class MissingCodecError(InputError):
+    """The environment cannot decode a whole class of inputs: stop the run instead of rejecting
+    every image one by one."""
 
 
 class ImageError(ValueError):
@@ -90,7 +97,15 @@ def _decode_dicom(data: bytes) -> tuple[np.ndarray, tuple[int, int], list[str]]:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     ds = pydicom.dcmread(io.BytesIO(data))
-    px = ds.pixel_array
+    try:
+        px = ds.pixel_array
+    except RuntimeError as e:
+        if "missing dependencies" in str(e):
+            ts = ds.file_meta.get("TransferSyntaxUID", "?")
+            raise MissingCodecError(
+                f"DICOM transfer syntax {ts} needs a pixel decoder: pip install "
+                "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)") from None
+        raise
     if px.ndim != 2:
         raise ImageError("image_unsupported", f"DICOM pixel array of shape {px.shape}")
     warnings = []
@@ -173,7 +188,7 @@ def process_image(data: bytes, *, size: int = 384, quality: int = 95,
         raise ImageError("image_empty", "0 bytes")
     try:
         arr, orig, kind, warnings = _decode_any(data, size)
-    except ImageError:
+    except (ImageError, MissingCodecError):
         raise
     except Image.DecompressionBombError as e:
         raise ImageError("image_unreadable", str(e)[:200]) from None

@@ -51,6 +51,10 @@ def print_summary(results, plan, manifest, missing, elapsed: float, manifest_url
         rejects, warnings = manifest["rejects"], manifest["warnings"]
         print(split_table(rows), file=file)
         print(f"rejects: {rejects['total']} ({format_counts(rejects['by_reason'])})", file=file)
+        listed = max(1, plan.listed - plan.skipped_view)
+        if rejects["total"] > 0.2 * listed:  # loud: this is a broken input, not MIMIC noise
+            print(f"WARNING: {100 * rejects['total'] / listed:.0f}% of the images were rejected; "
+                  "check the inputs (see rejects.jsonl)", file=file)
         print(f"warnings (kept): {warnings['total']} ({format_counts(warnings['by_reason'])})",
               file=file)
         if plan.skipped_view:
