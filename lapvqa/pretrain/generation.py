@@ -17,6 +17,8 @@ class _Stepper:
 
     def __init__(self, model, mem_kv, n: int, capacity: int, use_cache: bool):
         cfg = model.config
+        if capacity < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {capacity}")
         if capacity > cfg.max_positions:
             raise ValueError(f"max_new_tokens={capacity} > max_positions={cfg.max_positions}")
         self.decoder, self.mem_kv = model.decoder, mem_kv
