@@ -10,6 +10,7 @@ import csv
 import gzip
 import hashlib
 import io
+import os
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -158,8 +159,6 @@ def _reports(url: str) -> ReportSource:
     if url.startswith("s3://"):
         return ReportSource(url, False, "files/")
     root = store.url("")
-    import os
-
     if not os.path.isdir(root):
         raise InputError(f"--reports {url}: no such folder or zip")
     if os.path.isdir(os.path.join(root, "files")):
@@ -172,10 +171,7 @@ def _reports(url: str) -> ReportSource:
 def _jpg_records(store: Store, labels, splits, rejects: list) -> list[Record]:
     rows = read_csv_rows(store, _JPG_CSV.format("metadata"),
                          ("dicom_id", "subject_id", "study_id", "ViewPosition"))
-    out = []
-    for r in rows:
-        out.append(_make(r, f"p{{s2}}/p{{s}}/s{{st}}/{r['dicom_id'].strip()}.jpg", labels,
-                         splits, r.get("ViewPosition", ""), rejects))
+    out = [_make(r, None, labels, splits, r.get("ViewPosition", ""), rejects) for r in rows]
     return [r for r in out if r is not None]
 
 
@@ -188,7 +184,8 @@ def _dicom_records(store: Store, labels, splits, views, rejects: list) -> list[R
     return [r for r in out if r is not None]
 
 
-def _make(row, path, labels, splits, view, rejects) -> Record | None:
+def _make(row, path: str | None, labels, splits, view, rejects) -> Record | None:
+    """One image row -> Record; ``path`` None means MIMIC-CXR-JPG's layout."""
     dicom_id = (row.get("dicom_id") or "").strip()
     subject, study = _int(row.get("subject_id", "")), _int(row.get("study_id", ""))
     if subject is None or study is None:
@@ -199,9 +196,9 @@ def _make(row, path, labels, splits, view, rejects) -> Record | None:
         split = hash_split(subject)
     else:
         split = splits.get(dicom_id, "")
-    if "{" in path:  # JPG layout: files/p10/p10000032/s50414267/<dicom_id>.jpg
+    if path is None:  # files/p10/p10000032/s50414267/<dicom_id>.jpg
         s = str(subject)
-        path = "files/" + path.format(s2=s[:2], s=s, st=study)
+        path = f"files/p{s[:2]}/p{s}/s{study}/{dicom_id}.jpg"
     lab = (labels or {}).get(study, (None,) * len(CHEXPERT_LABELS))
     return Record(dicom_id, subject, study, split, (view or "").strip(), lab, path, "")
 
