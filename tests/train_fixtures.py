@@ -5,7 +5,7 @@ grayscale JPEG, txt, uint16 tokens.npy, json) plus manifest.json, with image-con
 (a bright blob on the left/right/none <-> "left/right/no opacity") so a tiny model has something
 to learn. Pytest fixtures:
 
-    train_shards   -> str, a local shard folder (session scope)
+    train_shards   -> str, shards made by the real sharder from a MIMIC-shaped tree (session scope)
     tiny_config    -> function(run_dir, shards, **overrides) -> path of a YAML config for tests
 """
 
@@ -95,9 +95,26 @@ def write_shards(root: str | os.PathLike, counts: dict | None = None, per_shard:
     return str(root)
 
 
+def shard_mimic_tree(root: str | os.PathLike, n_studies: int = 64, per_shard: int = 16) -> str:
+    """The real path: a MIMIC-CXR-JPG-shaped tree (tests/mimic_fixtures.py) through the real
+    sharder (python -m lapvqa.shard); returns the output folder."""
+    from lapvqa.shard import main as shard_main
+    from mimic_fixtures import write_mimic_jpg_tree
+
+    root = Path(root)
+    tree = write_mimic_jpg_tree(root / "mimic", n_studies=n_studies, images_per_study=2)
+    out = root / "shards"
+    code = shard_main(["--images", str(tree.images_root), "--reports", str(tree.reports_dir),
+                       "--out", str(out), "--samples-per-shard", str(per_shard), "--workers", "1",
+                       "--no-progress"])
+    assert code == 0, f"lapvqa.shard failed with {code}"
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def train_shards(tmp_path_factory) -> str:
-    return write_shards(tmp_path_factory.mktemp("shards"))
+    """Real shards (sharder output): 64 train samples in 4 shards, 32 validate in 2, 32 test."""
+    return shard_mimic_tree(tmp_path_factory.mktemp("train_shards"))
 
 
 def write_config(path: str | os.PathLike, run_dir: str, shards: str, **overrides) -> str:

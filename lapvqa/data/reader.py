@@ -16,21 +16,33 @@ from lapvqa.storage import Store
 
 log = logging.getLogger("lapvqa.data")
 NEEDED = ("jpg", "tokens.npy")
-MAX_ERROR_SHARDS = 20  # shard names carried in batch metadata for the final error message
 
 
 class ErrorLog:
-    """Counts corrupt samples/shards of one stream; the count travels with every batch."""
+    """Distinct corrupt samples/shards met by one stream; the count travels with every batch.
 
-    def __init__(self, count: int = 0, where: str = ""):
-        self.count, self.shards, self.where, self.muted = count, [], where, False
+    A shard is read again every epoch: its damage is counted (and logged) the first time only,
+    so ``count`` is the number of distinct corrupt items, comparable with data.max_errors.
+    """
 
-    def add(self, shard: str, what: str) -> None:
-        if self.muted:  # replaying up to a checkpoint: this error is already in ``count``
+    def __init__(self, seen=(), where: str = ""):
+        self.seen, self.where = list(seen), where
+        self._seen = set(self.seen)
+
+    @property
+    def count(self) -> int:
+        return len(self.seen)
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted({item.split("|", 1)[0] for item in self.seen})
+
+    def add(self, shard: str, item: str, what: str) -> None:
+        ident = f"{shard}|{item}"
+        if ident in self._seen:
             return
-        self.count += 1
-        if shard not in self.shards and len(self.shards) < MAX_ERROR_SHARDS:
-            self.shards.append(shard)
+        self._seen.add(ident)
+        self.seen.append(ident)
         log.warning("data error #%d%s in shard %s: %s", self.count, self.where, shard, what)
 
 
@@ -44,7 +56,7 @@ def _split_name(name: str) -> tuple[str, str]:
 def _finish(sample: dict, shard: str, errors: ErrorLog):
     missing = [m for m in NEEDED if m not in sample]
     if missing:
-        errors.add(shard, f"sample {sample['__key__']!r} lacks {', '.join(missing)}")
+        errors.add(shard, sample["__key__"], f"sample {sample['__key__']!r} lacks {', '.join(missing)}")
         return None
     return sample
 
@@ -68,7 +80,7 @@ def iter_tar_samples(store: Store, shard: str, errors: ErrorLog) -> Iterator[dic
                     current[member] = tar.extractfile(info).read()
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         # The partial sample in flight is dropped with the shard's damage, counted once.
-        errors.add(shard, f"unreadable after {'key ' + repr(current['__key__']) if current else 'start'}: "
+        errors.add(shard, "<shard>", f"unreadable after {'key ' + repr(current['__key__']) if current else 'start'}: "
                           f"{type(e).__name__}: {e}")
         return
     if current is not None:

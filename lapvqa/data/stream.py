@@ -3,7 +3,7 @@
 Per stream (one DataLoader worker of one rank), per epoch:
     units (plan.py) -> tar samples (reader.py) -> reservoir shuffle of bytes (shuffle.py)
     -> decode + augment (transform.py) -> batches (batch.py)
-Every batch carries ``meta = {stream, epoch, pos, errors, error_shards}``: ``pos`` counts the
+Every batch carries ``meta = {stream, epoch, pos, errors_seen}``: ``pos`` counts the
 shuffled samples this stream has consumed in ``epoch`` (dropped corrupt ones included). The
 training process records the meta of every batch it *consumes* (not what workers prefetched), so
 a checkpoint holds, per stream, exactly where the consumed data ends. Resuming replays that
@@ -49,7 +49,7 @@ class StreamSpec:
     shuffle_buffer: int
     augment: Optional[AugmentSection]
     max_empty_epochs: int = 3
-    start: dict = field(default_factory=dict)  # stream id -> {"epoch", "pos", "errors", "error_shards"}
+    start: dict = field(default_factory=dict)  # stream id -> {"epoch", "pos", "errors_seen"}
     first_worker: int = 0  # the logical worker whose batch comes first
 
     @property
@@ -76,11 +76,10 @@ class TrainStream(IterableDataset):
 def run_stream(spec: StreamSpec, sid: int) -> Iterator[Batch]:
     start = spec.start.get(sid) or {}
     epoch, skip = int(start.get("epoch", 0)), int(start.get("pos", 0))
-    errors = ErrorLog(int(start.get("errors", 0)), where=f" (rank {spec.rank} stream {sid})")
-    errors.shards = list(start.get("error_shards", []))
+    # Errors already counted before the checkpoint are in ``seen``: replaying does not recount them.
+    errors = ErrorLog(start.get("errors_seen", []), where=f" (rank {spec.rank} stream {sid})")
     store, pending, empty = open_store(spec.url), [], 0
     while True:
-        errors.muted = skip > 0  # errors met while replaying were counted (and logged) already
         units = stream_units(spec.units, spec.seed, epoch, sid, spec.n_streams)
         shuffled = reservoir_shuffle(iter_units(store, units, errors), spec.shuffle_buffer,
                                      epoch_rng(spec.seed, 0x5F, epoch, sid))
@@ -88,18 +87,16 @@ def run_stream(spec: StreamSpec, sid: int) -> Iterator[Batch]:
         for idx, raw in enumerate(shuffled):
             n += 1
             if idx < skip:
-                errors.muted = idx < skip - 1  # unmute before the first live sample is pulled
                 continue
             try:
                 rng = epoch_rng(spec.seed, 0xA6, epoch, sid, idx)
                 pending.append(decode_sample(raw, spec.image_size, spec.max_tokens, spec.augment, rng))
             except SampleError as e:
-                errors.add(raw["__shard__"], f"sample {raw['__key__']!r}: {e}")
+                errors.add(raw["__shard__"], raw["__key__"], f"sample {raw['__key__']!r}: {e}")
             if len(pending) == spec.batch_size:
                 yield collate(pending, {"stream": sid, "epoch": epoch, "pos": idx + 1,
-                                        "errors": errors.count, "error_shards": list(errors.shards)})
+                                        "errors_seen": list(errors.seen)})
                 pending = []
-        errors.muted = False
         empty = 0 if n else empty + 1
         if empty >= spec.max_empty_epochs:
             raise DataError(f"stream {sid} of rank {spec.rank} got no readable sample in {empty} "
@@ -117,16 +114,16 @@ class DataState:
 
     def update(self, meta: dict) -> None:
         sid = meta["stream"]
-        self.streams[sid] = {k: meta[k] for k in ("epoch", "pos", "errors", "error_shards")}
+        self.streams[sid] = {k: meta[k] for k in ("epoch", "pos", "errors_seen")}
         self.next_worker = (sid - self.spec.rank * self.spec.workers + 1) % self.spec.workers
 
     @property
     def errors(self) -> int:
-        return sum(s["errors"] for s in self.streams.values())
+        return sum(len(s["errors_seen"]) for s in self.streams.values())
 
     @property
     def error_shards(self) -> list[str]:
-        return sorted({n for s in self.streams.values() for n in s["error_shards"]})
+        return sorted({e.split("|", 1)[0] for s in self.streams.values() for e in s["errors_seen"]})
 
     def state_dict(self) -> dict:
         return {"version": 1, "rank": self.spec.rank, "world_size": self.spec.world,

@@ -59,7 +59,7 @@ class ValStream(IterableDataset):
                 try:
                     pending.append(decode_sample(raw, spec.image_size, spec.max_tokens, None, None))
                 except SampleError as e:
-                    errors.add(unit.shard, f"sample {raw['__key__']!r}: {e}")
+                    errors.add(unit.shard, raw["__key__"], f"sample {raw['__key__']!r}: {e}")
                 if len(pending) == spec.batch_size:
                     yield collate(pending, {"errors": errors.count})
                     pending = []

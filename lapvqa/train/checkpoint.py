@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 log = logging.getLogger("lapvqa.train")
 TAG_RE = re.compile(r"^global_step(\d+)$")
-FAULT_ENV = "LAPVQA_FAULT_KILL_IN_SAVE"  # "RANK:STEP": that rank SIGKILLs itself inside that save
+FAULT_ENV = "LAPVQA_FAULT_KILL_IN_SAVE"  # "RANK:STEP": that rank SIGKILLs itself inside that save,
+# after DeepSpeed wrote its files and before COMPLETE: a checkpoint that looks whole but is not.
 
 
 class ResumeError(RuntimeError):
@@ -132,8 +133,8 @@ class Checkpoints:
         tag = tag_for(step)
         self.dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        _maybe_die(self.rank, step)
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        _maybe_die(self.rank, step)  # worst case for tests: every file written, no COMPLETE yet
         dist.barrier()  # every rank's shard is written before COMPLETE may claim so
         if self.rank == 0:
             _fsync_tree(self.dir / tag)

@@ -26,7 +26,7 @@ from lapvqa.train.checkpoint import Checkpoints
 from lapvqa.train.dist import DistInfo, all_gather_object
 from lapvqa.train.engine import build_engine, build_model
 from lapvqa.train.evaluate import validate
-from lapvqa.train.metrics import RunLog, Throughput, peak_flops
+from lapvqa.train.metrics import RunLog, Throughput, peak_flops, truncate_rows
 from lapvqa.train.signals import EXIT_DATA, EXIT_NONFINITE, EXIT_PREEMPTED, StopFlag
 
 log = logging.getLogger("lapvqa.train")
@@ -83,8 +83,10 @@ class Trainer:
                           launcher=info.launcher, precision=self.engine_precision)
         self.keys_file = None
         if cfg.run.log_sample_keys:
-            (self.run_dir / "keys").mkdir(exist_ok=True)
-            self.keys_file = open(self.run_dir / "keys" / f"rank{info.rank}.jsonl", "a")
+            path = self.run_dir / "keys" / f"rank{info.rank}.jsonl"
+            path.parent.mkdir(exist_ok=True)
+            truncate_rows(path, self.step)  # like metrics.jsonl: one uninterrupted record
+            self.keys_file = open(path, "a")
 
     @property
     def engine_precision(self) -> str:

@@ -1,0 +1,166 @@
+"""End-to-end trainer runs on CPU: 2 gloo ranks under deepspeed, torchrun (two "nodes"), SLURM env
+and a plain process. Runs are shared between assertions to keep the file within its budget.
+
+reference      deepspeed, 2 ranks, 12 steps, uninterrupted (NaN injected at step 6)
+chain          same config in another run dir: killed inside the save of step 8 (rank 1 SIGKILLs
+               itself), then SIGKILLed (all processes) after step 9, then run to the end
+               -> metrics (loss, batch_hash, val_loss) and per-rank sample keys equal reference's
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from s3_fixtures import moto_endpoint, moto_s3  # noqa: F401  (fixtures)
+from train_fixtures import REPO, train_shards, write_config  # noqa: F401  (fixture)
+
+BIN = Path(sys.executable).parent
+TRAIN = str(REPO / "launch" / "train.py")
+COMMON = dict(train__max_steps=12, checkpoint__every_steps=4, validate__every_steps=4,
+              checkpoint__keep_last=1, debug__nan_steps=[6], run__log_sample_keys=True)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    for k in [k for k in env if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")]:
+        env.pop(k)
+    return env
+
+
+def _deepspeed(cfg: str, *over: str) -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()), TRAIN,
+            "--config", cfg, *over]
+
+
+def _start(cmd: list[str], log: Path, env=None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float) -> tuple[int, str]:
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"timed out; log:\n{log.read_text()[-4000:]}")
+    return code, log.read_text()
+
+
+def _run(cmd, log: Path, timeout=240, env=None) -> tuple[int, str]:
+    return _finish(_start(cmd, log, env), log, timeout)
+
+
+def _rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    from lapvqa.train.plot import read_metrics
+    return read_metrics(run_dir)
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout=240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and any(r["step"] >= step for r in _rows(run_dir)[0]):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} never logged (exit {proc.poll()})")
+
+
+def _complete(run_dir: Path) -> list[str]:
+    return sorted(p.parent.name for p in (run_dir / "checkpoints").glob("global_step*/COMPLETE"))
+
+
+@pytest.fixture(scope="module")
+def reference(train_shards, tmp_path_factory):
+    d = tmp_path_factory.mktemp("reference")
+    cfg = write_config(d / "c.yaml", str(d / "run"), train_shards, **COMMON)
+    code, out = _run(_deepspeed(cfg), d / "log.txt")
+    assert code == 0, out[-4000:]
+    return d / "run", out
+
+
+@pytest.mark.timeout(300)
+def test_reference_run_learns_and_writes_the_run_dir(reference):
+    run, out = reference
+    train, val = _rows(run)
+    assert [r["step"] for r in train] == list(range(1, 13))
+    for r in train:
+        for k in ("loss", "lr", "grad_norm", "images_per_s", "tokens_per_s", "mfu", "data_wait",
+                  "data_errors", "batch_hash"):
+            assert k in r
+    # NaN injected at step 6: skipped, counted, warned; training continues
+    assert train[5]["loss"] is None and train[5]["nonfinite_skipped"] == 1
+    assert "non-finite" in out and train[-1]["nonfinite_skipped"] == 1
+    first, last = train[0]["loss"], sum(r["loss"] for r in train[-3:]) / 3
+    assert last < first - 1.0, (first, last)
+    assert [v["step"] for v in val] == [4, 8, 12] and val[-1]["val_loss"] < val[0]["val_loss"]
+    assert all(v["val_samples"] == 32 for v in val)  # the whole validate split, once
+    assert len({r["batch_hash"] for r in train}) == 12
+    # run dir layout: resolved config, COMPLETE checkpoints, latest, best (kept through rotation)
+    ck = run / "checkpoints"
+    assert (run / "config.yaml").exists() and list((run / "tb").glob("events.out.tfevents.*"))
+    assert _complete(run) == ["global_step12"]  # keep_last=1, and 12 is also the best
+    assert (ck / "latest").read_text().strip() == "global_step12"
+    best = json.loads((ck / "best.json").read_text())
+    assert best == {"tag": "global_step12", "step": 12, "val_loss": val[-1]["val_loss"]}
+    marker = json.loads((ck / "global_step12" / "COMPLETE").read_text())
+    assert marker["world_size"] == 2 and marker["step"] == 12 and marker["model_config"]["image_size"] == 64
+    # the model-states file loads with weights_only=True (lapvqa.consolidate relies on it)
+    import torch
+    states = torch.load(ck / "global_step12" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=True)
+    assert states["step"] == 12 and len(states["data_state"]["ranks"]) == 2
+    assert states["config"]["train"]["max_steps"] == 12 and "module" in states
+    # ranks read disjoint samples at every step
+    keys = [[json.loads(l)["keys"] for l in (run / "keys" / f"rank{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)]
+    assert all(not set(a) & set(b) for a, b in zip(*keys))
+    from lapvqa.train.plot import main as plot_main
+    assert plot_main([str(run), "--out", str(run / "p.png")]) == 0 and (run / "p.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(600)
+def test_kill_in_save_then_sigkill_then_resume_is_exact(reference, train_shards, tmp_path):
+    ref_run, _ = reference
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", str(run), train_shards, **COMMON)
+    # 1) rank 1 dies inside the save of step 8: that checkpoint must never be used
+    code, out = _run(_deepspeed(cfg), tmp_path / "log1.txt", env=_env(LAPVQA_FAULT_KILL_IN_SAVE="1:8"))
+    assert code != 0 and "dies inside the save of step 8" in out
+    assert _complete(run) == ["global_step4"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "global_step4"
+    # 2) same command: resumes from step 4 (partial global_step8 removed); SIGKILL everything
+    #    mid-run after step 9 (between checkpoints 8 and 12)
+    proc = _start(_deepspeed(cfg, "--debug.step_sleep_s=0.3"), tmp_path / "log2.txt")
+    _wait_for_step(run, 9, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    out2 = (tmp_path / "log2.txt").read_text()
+    assert "removing partial checkpoint" in out2 and "resumed from global_step4" in out2
+    assert "global_step8" in _complete(run)
+    # 3) same command again: resumes from step 8, runs to the end
+    code, out3 = _run(_deepspeed(cfg), tmp_path / "log3.txt")
+    assert code == 0 and "resumed from global_step8" in out3, out3[-4000:]
+    ref_train, ref_val = _rows(ref_run)
+    train, val = _rows(run)
+    assert [(r["step"], r["batch_hash"], r["loss"]) for r in train] == \
+        [(r["step"], r["batch_hash"], r["loss"]) for r in ref_train]  # bit-exact on CPU
+    assert [(v["step"], v["val_loss"]) for v in val] == [(v["step"], v["val_loss"]) for v in ref_val]
+    for r in (0, 1):
+        assert (run / "keys" / f"rank{r}.jsonl").read_text() == (ref_run / "keys" / f"rank{r}.jsonl").read_text()
+    events = [json.loads(l)["event"] for l in (run / "events.jsonl").read_text().splitlines()]
+    assert events.count("resume") == 2
