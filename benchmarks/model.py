@@ -212,11 +212,24 @@ def child_main(a) -> dict:
 
 
 # ----------------------------------------------------------------------------- parent: orchestration
+_RUNNING: list = []  # the child in flight, killed with us (it runs in its own process group)
+
+
+def _on_term(signum, frame):
+    for proc in _RUNNING:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(128 + signum)
+
+
 def spawn(argv, variant, timeout) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", variant]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
+    _RUNNING[:] = [proc]
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -262,6 +275,8 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(child_main(a)), flush=True)
         return 0
     deadline = time.monotonic() + a.budget_s
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_term)  # an outer `timeout` must not leave a child on the GPU
     gpu = a.device.startswith("cuda")
     matmul = spawn(argv, "matmul", 60).get("matmul_tflops") if gpu else None
     results = []
