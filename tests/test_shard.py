@@ -250,3 +250,19 @@ def test_missing_dicom_codec_stops_the_run_with_one_line(tmp_path, capsys):
                "--workers", "1", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and "1.2.840.10008.1.2.4.70" in err and "pip install" in err
+
+
+@pytest.mark.timeout(120)
+def test_all_rejected_shard_is_left_out(tmp_path):
+    tree = write_mimic_jpg_tree(tmp_path / "m", n_studies=2, images_per_study=1,
+                                faults=("missing_image", "empty_image", "tiny_image"))
+    out = tmp_path / "o"
+    args = ["--images", str(tree.images_root), "--reports", str(tree.reports_dir),
+            "--out", str(out), "--samples-per-shard", "1", "--no-progress", "--workers", "1"]
+    assert main(args) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    listed = {s["name"] for v in m["splits"].values() for s in v["shards"]}
+    assert listed == {p.name for p in out.glob("*.tar")} and len(listed) == 2
+    assert all(s["samples"] > 0 for v in m["splits"].values() for s in v["shards"])
+    assert m["rejects"]["total"] == 3
+    assert main(args) == 0 and main(["--verify", str(out), "--workers", "1"]) == 0

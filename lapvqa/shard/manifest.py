@@ -90,7 +90,7 @@ def build_manifest(plan: Plan, results: list[ShardResult], settings: dict, input
     splits = {}
     for split in SPLITS:
         shards = [{"name": r.name, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256}
-                  for r in results if r.split == split]
+                  for r in results if r.split == split and r.samples]
         splits[split] = {"shards": shards, "samples": sum(s["samples"] for s in shards),
                          "bytes": sum(s["bytes"] for s in shards)}
     warnings: dict[str, int] = {}
@@ -120,7 +120,7 @@ def finalize(store: Store, plan: Plan, settings: dict, inputs: Inputs,
     if missing:
         return None, missing
     for r in results:  # cheap existence/size check of shards other tasks wrote
-        if r.name not in (known or {}) and _size(store, r.name) != r.bytes:
+        if r.samples and r.name not in (known or {}) and _size(store, r.name) != r.bytes:
             return None, [r.name]
     rejects = list(plan.rejects) + [x for r in results for x in r.rejects]
     lines = "".join(json.dumps(x, sort_keys=True) + "\n" for x in rejects)

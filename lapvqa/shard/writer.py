@@ -125,6 +125,8 @@ def existing_result(store: Store, job: ShardJob, ctx: JobContext) -> ShardResult
         return None
     if side.get("plan_hash") != ctx.plan_hash or side.get("name") != job.name:
         return None
+    if side.get("samples") == 0:  # every image rejected: no tar by design
+        return ShardResult.from_sidecar(side)
     try:
         if store.size(job.name) != side["bytes"]:
             return None
@@ -189,7 +191,13 @@ def run_job(job: ShardJob, ctx: JobContext, progress: Callable[[int], None]) -> 
         _SOURCES[key] = Sources(ctx.images_url, ctx.reports)
     data, res = _build(job, ctx, _SOURCES[key], progress)
     store.delete(sidecar_name(job.name))  # a stale sidecar must never vouch for new bytes
-    store.write_bytes_atomic(job.name, data)
+    if res.samples:
+        store.write_bytes_atomic(job.name, data)
+    else:
+        # An empty tar would make a stock WebDataset reader that gets only it fail ("no samples"):
+        # such a shard is left out (recorded in its sidecar, absent from the manifest).
+        store.delete(job.name)
+        res.bytes, res.sha256 = 0, ""
     side = json.dumps(res.sidecar(ctx.plan_hash), sort_keys=True).encode()
     store.write_bytes_atomic(sidecar_name(job.name), side)
     return res
