@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -181,21 +182,23 @@ class S3Store(Store):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self._client = None
+        self._lock = threading.Lock()  # boto3 clients are thread-safe; creating one is not
 
     def __reduce__(self):
         return (S3Store, (self.bucket, self.prefix))
 
     @property
     def client(self):
-        if self._client is None:
-            import boto3
-            from botocore.config import Config
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
 
-            # Endpoint/credentials: boto3's standard chain (AWS_ENDPOINT_URL, profiles, roles).
-            cfg = Config(retries={"max_attempts": 10, "mode": "standard"}, connect_timeout=20,
-                         read_timeout=120)
-            self._client = boto3.session.Session().client("s3", config=cfg)
-        return self._client
+                # Endpoint/credentials: boto3's standard chain (AWS_ENDPOINT_URL, profiles, roles).
+                cfg = Config(retries={"max_attempts": 10, "mode": "standard"},
+                             connect_timeout=20, read_timeout=120)
+                self._client = boto3.session.Session().client("s3", config=cfg)
+            return self._client
 
     def _key(self, name: str) -> str:
         if not name:

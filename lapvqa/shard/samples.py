@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import zipfile
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class Sources:
         self.reports = reports
         self._store = None if reports.is_zip else open_store(reports.url)
         self._zip: zipfile.ZipFile | None = None
+        self._lock = threading.Lock()  # read-ahead threads share one zip handle
 
     def image_bytes(self, rel: str) -> bytes:
         try:
@@ -46,9 +48,10 @@ class Sources:
         if not loc:
             raise FileNotFoundError("study not in the reports zip")
         if self.reports.is_zip:
-            if self._zip is None:
-                self._zip = zipfile.ZipFile(self.reports.url)
-            return self._zip.read(loc)
+            with self._lock:
+                if self._zip is None:
+                    self._zip = zipfile.ZipFile(self.reports.url)
+            return self._zip.read(loc)  # ZipFile serialises reads of its file internally
         return _read_retry(self._store, loc)
 
 
