@@ -36,10 +36,9 @@ def _port() -> int:
 
 
 def _env(**extra) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-    for k in [k for k in env if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")]:
-        env.pop(k)
-    return env
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
 def _deepspeed(cfg: str, *over: str) -> list[str]:
@@ -164,3 +163,102 @@ def test_kill_in_save_then_sigkill_then_resume_is_exact(reference, train_shards,
         assert (run / "keys" / f"rank{r}.jsonl").read_text() == (ref_run / "keys" / f"rank{r}.jsonl").read_text()
     events = [json.loads(l)["event"] for l in (run / "events.jsonl").read_text().splitlines()]
     assert events.count("resume") == 2
+
+
+def _plain(cfg: str, *over: str) -> list[str]:
+    return [sys.executable, TRAIN, "--config", cfg, *over]
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_on_loopback_see_disjoint_data_bf16(train_shards, tmp_path):
+    """Two torchrun launchers (node ranks 0 and 1, one rank each) on 127.0.0.1, bf16 on CPU."""
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", str(run), train_shards, train__max_steps=5,
+                       train__precision="bf16", validate__every_steps=0, run__log_sample_keys=True,
+                       checkpoint__every_steps=100)
+    port = _port()
+    procs = [_start([str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i),
+                     "--master_addr", "127.0.0.1", "--master_port", str(port), TRAIN, "--config", cfg],
+                    tmp_path / f"node{i}.txt") for i in (0, 1)]
+    for i, p in enumerate(procs):
+        code, out = _finish(p, tmp_path / f"node{i}.txt", 240)
+        assert code == 0, out[-4000:]
+    keys = [[k for l in (run / "keys" / f"rank{r}.jsonl").read_text().splitlines() for k in json.loads(l)["keys"]]
+            for r in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == 20
+    assert not set(keys[0]) & set(keys[1]) and len(set(keys[0])) == 20
+    start = json.loads((run / "events.jsonl").read_text().splitlines()[0])
+    assert start["world_size"] == 2 and start["precision"] == "bf16"
+    train, val = _rows(run)
+    assert len(train) == 5 and val[-1]["val_samples"] == 32
+    assert json.loads((run / "checkpoints" / "global_step5" / "COMPLETE").read_text())["precision"] == "bf16"
+
+
+@pytest.mark.timeout(300)
+def test_srun_environment_and_s3_shards(train_shards, moto_s3, tmp_path):
+    """One task as srun starts it (SLURM_* only), reading shards from moto_server's S3."""
+    from lapvqa.storage import open_store
+    store = open_store(moto_s3 + "/shards")
+    for p in sorted(Path(train_shards).iterdir()):
+        if p.is_file():
+            store.put_file_atomic(p.name, p)
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", str(run), moto_s3 + "/shards", train__max_steps=3,
+                       validate__every_steps=3, validate__max_samples=8, data__num_workers=2)
+    env = _env(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0", SLURM_JOB_ID="4242",
+               SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(_port()))
+    code, out = _run(_plain(cfg), tmp_path / "log.txt", env=env)
+    assert code == 0, out[-4000:]
+    assert "via slurm" in out
+    train, val = _rows(run)
+    assert len(train) == 3 and val[0]["val_samples"] == 8 and train[-1]["data_errors"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_checkpoints_then_exit_75_and_no_silent_restart(train_shards, reference, tmp_path):
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", str(run), train_shards, train__max_steps=40,
+                       debug__step_sleep_s=0.3, validate__every_steps=0, validate__at_end=False,
+                       checkpoint__every_steps=100)
+    proc = _start(_plain(cfg), tmp_path / "log.txt")
+    _wait_for_step(run, 2, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    code, out = _finish(proc, tmp_path / "log.txt", 120)
+    assert code == 75, out[-3000:]
+    (tag,) = _complete(run)
+    step = int(tag.removeprefix("global_step"))
+    assert 2 <= step < 40 and _rows(run)[0][-1]["step"] == step
+    assert json.loads((run / "events.jsonl").read_text().splitlines()[-1])["event"] == "preempted"
+    # a run dir with checkpoints never silently starts again from step 0
+    code, out = _run(_plain(cfg, "--run.resume=never"), tmp_path / "log2.txt")
+    assert code == 2 and "already holds checkpoints and run.resume=never" in out
+    # resuming on another world size is refused with a clear message (reference ran on 2 ranks)
+    ref_run, _ = reference
+    ref_cfg = write_config(tmp_path / "ref.yaml", str(ref_run), train_shards, **COMMON)
+    code, out = _run(_plain(ref_cfg), tmp_path / "log3.txt")
+    assert code == 2 and "was written by 2 ranks, this run has 1" in out, out[-3000:]
+
+
+@pytest.mark.timeout(240)
+def test_nonfinite_steps_in_a_row_abort(train_shards, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", str(tmp_path / "run"), train_shards, train__max_steps=6,
+                       debug__nan_steps=[2, 3, 4], train__max_nonfinite_in_row=3, validate__every_steps=0)
+    code, out = _run(_plain(cfg), tmp_path / "log.txt")
+    assert code == 3 and "3 non-finite steps in a row" in out, out[-3000:]
+    assert _rows(tmp_path / "run")[0][-1]["step"] == 4
+
+
+@pytest.mark.timeout(240)
+def test_truncated_shard_fails_the_run_beyond_the_threshold(train_shards, tmp_path):
+    import shutil
+    bad = Path(shutil.copytree(train_shards, tmp_path / "bad"))
+    tar = bad / "train-000002.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 3])
+    cfg = write_config(tmp_path / "c.yaml", str(tmp_path / "run"), str(bad), train__max_steps=20,
+                       data__max_errors=0, validate__every_steps=0, checkpoint__every_steps=100)
+    code, out = _run(_plain(cfg), tmp_path / "log.txt")
+    assert code == 4, out[-3000:]
+    assert "more than data.max_errors=0" in out and "train-000002.tar" in out
+    assert "data error #1" in out and "unexpected end of data" in out
+    rows = _rows(tmp_path / "run")[0]
+    assert rows[-1]["data_errors"] == 1 and all(r["data_errors"] == 0 for r in rows[:-1])

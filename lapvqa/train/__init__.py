@@ -34,7 +34,7 @@ def setup_logging(rank: int) -> None:
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", force=True)
     logging.getLogger("lapvqa").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logging.getLogger("lapvqa.data").setLevel(logging.WARNING)  # corrupt data: every rank reports
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -198,15 +198,22 @@ class Trainer:
     def _after_step(self, s: dict) -> None:
         cfg = self.cfg
         self.throughput.add(s["images"], s["tokens"], s["flops"], s["wait"])
+        self._count_nonfinite(s)
+        if self.step % cfg.run.log_every_steps == 0 or self.step == cfg.train.max_steps or \
+                s["data_fail"] or self.nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+            self._log_row(s)  # the failing step gets its row too
         if s["data_fail"]:
             shards = sorted({n for part in all_gather_object(self.data_state.error_shards) for n in part})
             raise TrainingAborted(
                 f"{s['data_errors']} corrupt samples/shards, more than data.max_errors={cfg.data.max_errors} "
                 f"on a rank (shards: {', '.join(shards)}); see the warnings above, fix or re-shard "
                 "them, or raise data.max_errors", EXIT_DATA)
-        self._check_finite(s)
-        if self.step % cfg.run.log_every_steps == 0 or self.step == cfg.train.max_steps:
-            self._log_row(s)
+        limit = cfg.train.max_nonfinite_in_row
+        if self.nonfinite_in_row >= limit:
+            raise TrainingAborted(
+                f"{self.nonfinite_in_row} non-finite steps in a row (train.max_nonfinite_in_row={limit}) "
+                f"at step {self.step}: lower train.lr, check the data, or resume from an earlier "
+                "checkpoint", EXIT_NONFINITE)
         val_loss = None
         if cfg.validate.every_steps and self.step % cfg.validate.every_steps == 0:
             val_loss = self.run_validation()
@@ -214,7 +221,7 @@ class Trainer:
         if self.step % cfg.checkpoint.every_steps == 0 or improved:
             self.save(val_loss)
 
-    def _check_finite(self, s: dict) -> None:
+    def _count_nonfinite(self, s: dict) -> None:
         if not s["nonfinite"]:
             self.nonfinite_in_row = 0
             return
@@ -223,12 +230,6 @@ class Trainer:
         log.warning("step %d: non-finite loss or gradients; update skipped (%d in a row, %d total)",
                     self.step, self.nonfinite_in_row, self.nonfinite_total)
         self.runlog.event("nonfinite", step=self.step, in_row=self.nonfinite_in_row)
-        limit = self.cfg.train.max_nonfinite_in_row
-        if self.nonfinite_in_row >= limit:
-            raise TrainingAborted(
-                f"{self.nonfinite_in_row} non-finite steps in a row (train.max_nonfinite_in_row={limit}) "
-                f"at step {self.step}: lower train.lr, check the data, or resume from an earlier "
-                "checkpoint", EXIT_NONFINITE)
 
     def _batch_hash(self, keys: list[str]) -> str:
         """sha256 over ranks (in rank order) of sha256 of that rank's keys in this step."""
