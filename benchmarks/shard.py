@@ -131,7 +131,7 @@ def timed(fn, *args) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=240)
+    ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--samples-per-shard", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3, help="best of N interleaved rounds")
     ap.add_argument("--keep", default=None, help="reuse/keep the generated tree in this folder")

@@ -36,12 +36,13 @@ def _worker_job(job: ShardJob) -> ShardResult:
     return run_job(job, _CTX, _QUEUE.put)
 
 
-def _mp_context():
+def _mp_context(s3: bool = False):
     # Never plain fork: the parent may hold boto3/thread state. forkserver forks from a clean,
-    # pre-warmed server; spawn where forkserver does not exist.
+    # pre-warmed server (botocore too when S3 is used: its import is the slow part of a client);
+    # spawn where forkserver does not exist.
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["lapvqa.shard._preload"])
+        ctx.set_forkserver_preload(["lapvqa.shard._preload"] + (["boto3"] if s3 else []))
         return ctx
     return mp.get_context("spawn")
 
@@ -58,7 +59,7 @@ def execute(jobs: list[ShardJob], ctx: JobContext, workers: int, bar) -> list[Sh
     """Run jobs (whole shards) on ``workers`` processes; results in job order."""
     if workers <= 1 or len(jobs) <= 1:
         return [run_job(j, ctx, bar.update) for j in jobs]
-    mpc = _mp_context()
+    mpc = _mp_context(s3=any(u.startswith("s3://") for u in (ctx.out_url, ctx.images_url)))
     q = mpc.Queue()
     results = []
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mpc, initializer=_init_worker,

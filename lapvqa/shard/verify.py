@@ -155,8 +155,9 @@ def verify(out_url: str, workers: int = 1, file=None) -> int:
     if workers > 1 and len(args) > 1:
         from .runner import _mp_context
 
-        with ProcessPoolExecutor(min(workers, len(args)), mp_context=_mp_context(),
-                                 initializer=_set_env, initargs=(dict(os.environ),)) as ex:
+        mpc = _mp_context(out_url.startswith("s3://"))
+        with ProcessPoolExecutor(min(workers, len(args)), mp_context=mpc, initializer=_set_env,
+                                 initargs=(dict(os.environ),)) as ex:
             checks = list(ex.map(check_shard, *zip(*args)))
     else:
         checks = [check_shard(*a) for a in args]
