@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -131,3 +134,172 @@ def test_shard_array_equals_single_process_run(cluster, tmp_path):
     ref_digest = _digest(ref)
     assert sum(n.endswith(".tar") for n in ref_digest) >= 4
     assert _digest(tmp_path / "array") == ref_digest
+
+
+# ------------------------------------------------------------------ multi-node training
+BIN = Path(sys.executable).parent
+# Same model, data and schedule for every run below; only run.dir differs.
+TRAIN_CFG = dict(train__max_steps=8, checkpoint__every_steps=4, validate__every_steps=4,
+                 run__log_sample_keys=True)
+
+
+def _train_env(**extra) -> dict[str, str]:
+    # The venv's python/deepspeed first on PATH: the job inherits this environment (--export=ALL).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return {**env, **extra}
+
+
+def _submit_pretrain(cluster, cfg: str, cwd: Path, *sbatch_args: str) -> str:
+    (cwd / "logs").mkdir(exist_ok=True)
+    return cluster.sbatch(["-N", "2", *SMALL, *sbatch_args, str(SLURM_DIR / "pretrain.sbatch"),
+                           "--config", cfg], cwd=cwd, env=_train_env())
+
+
+def _job_log(cwd: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted((cwd / "logs").glob("*")))
+
+
+def _metrics(run: Path) -> tuple[list[dict], list[dict]]:
+    """(train rows, validation rows); a step logged twice (resumed) keeps its last row."""
+    train, val = {}, {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        (val if "val_loss" in row else train)[row["step"]] = row
+    return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)]
+
+
+def _trajectory(run: Path) -> list[tuple]:
+    train, val = _metrics(run)
+    return ([(r["step"], r["batch_hash"], round(r["loss"], 5)) for r in train]
+            + [(r["step"], round(r["val_loss"], 5)) for r in val])
+
+
+def _layout(run: Path) -> list[str]:
+    """Relative paths of the run folder; TensorBoard file names (host, time) reduced to tb/."""
+    out = set()
+    for p in run.rglob("*"):
+        rel = p.relative_to(run)
+        out.add("tb/" if rel.parts[0] == "tb" else rel.as_posix() + ("/" if p.is_dir() else ""))
+    return sorted(out)
+
+
+def _resolved_config(run: Path) -> dict:
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["run"].pop("dir")
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from train_fixtures import write_shards
+
+    return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def two_node_run(cluster, shards, tmp_path_factory):
+    """The same tiny run twice: sbatch -N 2 pretrain.sbatch, and deepspeed --num_gpus 2 here."""
+    from train_fixtures import write_config
+
+    d = tmp_path_factory.mktemp("pretrain")
+    cfg = write_config(d / "slurm.yaml", str(d / "slurm_run"), shards, **TRAIN_CFG)
+    ds_cfg = write_config(d / "ds.yaml", str(d / "ds_run"), shards, **TRAIN_CFG)
+    job = _submit_pretrain(cluster, cfg, d)
+    with open(d / "ds.log", "w") as log:
+        ds = subprocess.Popen([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port",
+                               str(_free_port()), str(REPO / "launch" / "train.py"), "--config",
+                               ds_cfg], cwd=REPO, env=_train_env(), stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        info = cluster.wait_job(job, timeout=300)
+        ds_code = ds.wait(timeout=300)
+    finally:
+        if ds.poll() is None:
+            os.killpg(ds.pid, signal.SIGKILL)
+            ds.wait()
+    return dict(job=job, info=info[0], run=d / "slurm_run", log=_job_log(d),
+                ds_run=d / "ds_run", ds_code=ds_code, ds_log=(d / "ds.log").read_text())
+
+
+NO_PRETRAIN = pytest.mark.skipif(not (SLURM_DIR / "pretrain.sbatch").exists(),
+                                 reason="launch/slurm/pretrain.sbatch not committed yet")
+
+
+@NO_PRETRAIN
+@pytest.mark.timeout(400)
+def test_pretrain_two_nodes_one_rank_each_matches_deepspeed(cluster, two_node_run):
+    r = two_node_run
+    assert r["info"]["JobState"] == "COMPLETED", r["log"][-4000:]
+    assert r["ds_code"] == 0, r["ds_log"][-4000:]
+    # One task on each node, through the script's own srun line (step 0 launched on n1 and n2).
+    assert r["info"]["NodeList"] == "n[1-2]" and r["info"]["NumTasks"] == "2"
+    for node in ("n1", "n2"):
+        assert f"launch task StepId={r['job']}.0 " in cluster.paths.log(f"slurmd-{node}").read_text()
+    start = json.loads((r["run"] / "events.jsonl").read_text().splitlines()[0])
+    assert (start["launcher"], start["world_size"]) == ("slurm", 2)
+    # The two nodes see disjoint data.
+    keys = [[k for line in (r["run"] / "keys" / f"rank{i}.jsonl").read_text().splitlines()
+             for k in json.loads(line)["keys"]] for i in (0, 1)]
+    assert keys[0] and len(keys[0]) == len(keys[1])
+    assert not set(keys[0]) & set(keys[1])
+    train, val = _metrics(r["run"])
+    assert [row["step"] for row in train] == list(range(1, 9))
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0 and len(val) == 2
+    # The run folder is the one `deepspeed --num_gpus 2` makes: same files, config, batches, losses.
+    assert _layout(r["run"]) == _layout(r["ds_run"])
+    assert _resolved_config(r["run"]) == _resolved_config(r["ds_run"])
+    assert _trajectory(r["run"]) == _trajectory(r["ds_run"])
+    ds_keys = [(r["ds_run"] / "keys" / f"rank{i}.jsonl").read_text() for i in (0, 1)]
+    assert [(r["run"] / "keys" / f"rank{i}.jsonl").read_text() for i in (0, 1)] == ds_keys
+
+
+def _preempt_signal() -> tuple[str, list[str]]:
+    """The signal pretrain.sbatch asks for (#SBATCH --signal=[B:]SIG@T) and scancel's target."""
+    import re
+
+    text = (SLURM_DIR / "pretrain.sbatch").read_text()
+    m = re.search(r"^#SBATCH\s+--signal=(B:)?(\w+)@", text, re.M)
+    if not m:
+        return "USR1", []
+    return m.group(2), (["--batch"] if m.group(1) else [])
+
+
+@NO_PRETRAIN
+@pytest.mark.timeout(400)
+def test_preemption_signal_checkpoints_requeues_and_resumes_exactly(cluster, shards,
+                                                                      two_node_run, tmp_path):
+    from train_fixtures import write_config
+
+    run = tmp_path / "run"
+    # A short sleep per step only widens the window in which the signal lands mid-run.
+    cfg = write_config(tmp_path / "c.yaml", str(run), shards, debug__step_sleep_s=0.5,
+                       **TRAIN_CFG)
+    job = _submit_pretrain(cluster, cfg, tmp_path)
+    deadline = time.monotonic() + 240
+    while not ((run / "metrics.jsonl").exists() and len(_metrics(run)[0]) >= 2):
+        assert time.monotonic() < deadline, _job_log(tmp_path)[-4000:]
+        assert cluster.job_info(job)[0]["JobState"] in ("PENDING", "RUNNING"), _job_log(tmp_path)
+        time.sleep(0.2)
+    sig, target = _preempt_signal()
+    cluster.run(["scancel", f"--signal={sig}", *target, job])
+    info = cluster.wait_job(job, timeout=300)[0]
+    log = _job_log(tmp_path)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert "preempted" in kinds and "resume" in kinds, kinds
+    stopped = next(e["step"] for e in events if e["event"] == "preempted")
+    resumed = next(e["step"] for e in events if e["event"] == "resume")
+    assert 2 <= stopped < 8 and resumed == stopped, events
+    # The requeued job resumed (not restarted) and saw exactly the uninterrupted run's batches.
+    assert _trajectory(run) == _trajectory(two_node_run["run"])
