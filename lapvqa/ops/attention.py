@@ -53,8 +53,14 @@ class AutoRule:
 
 # Where "auto" picks the kernel on CUDA: the cases where benchmarks/attention.py measured the
 # kernel at >= 1.0x the best SDPA backend (that script prints these rules from its results).
-# Empty until measured on the target GPU: without data, auto means SDPA.
-AUTO_KERNEL_RULES: tuple[AutoRule, ...] = ()
+# H200 run 1 (benchmarks/results/h200_run1/attention.log, bf16): the only win was inference on
+# the key-padded causal decoder (SDPA with a mask leaves its flash/cuDNN fast paths): forward
+# 0.097 ms vs 0.466 ms cuDNN, x4.79. Forward+backward lost everywhere in run 1 (x0.28-x0.92), so
+# there is no training rule; re-derive these lines from run 2 after the backward rewrite.
+AUTO_KERNEL_RULES: tuple[AutoRule, ...] = (
+    AutoRule(causal=True, masked=True, head_dims=(64,), nq=(129, 256), nk=(129, 256),
+             training=False),  # decoder_causal_256_padded x4.79
+)
 
 _warned: set[str] = set()
 

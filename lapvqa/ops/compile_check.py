@@ -74,10 +74,15 @@ def compile_one(stage, config, *, dtype="bfloat16", head_dim=64, causal=False, k
 
     from lapvqa.ops import flash_attn as fa
 
-    kernel = {"fwd": fa._attn_fwd, "dkdv": fa._attn_bwd_dkdv, "dq": fa._attn_bwd_dq}[stage]
-    bm, bn, warps, stages = config
+    kernel = {"fwd": fa._attn_fwd, "bwd": fa._attn_bwd}[stage]
+    if stage == "fwd":
+        bm, bn, warps, stages = config
+        blocks = dict(BLOCK_M=bm, BLOCK_N=bn)
+    else:
+        m1, n1, m2, n2, warps, stages = config
+        blocks = dict(BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2)
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                      BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_KPM=kpm, HAS_KVLEN=kvlen,
+                      **blocks, CAUSAL=causal, HAS_KPM=kpm, HAS_KVLEN=kvlen,
                       DOT_PREC="ieee" if dtype == "float32" else "tf32")
     sig, attrs, consts = _signature(kernel, dtype, constexprs)
     target = GPUTarget("cuda", arch, 32)
@@ -95,8 +100,7 @@ def default_cases():
     """Every autotune config for the model's cases, plus the fixed config for the other modes."""
     from lapvqa.ops import flash_attn as fa
 
-    stage_cfgs = {"fwd": fa.FWD_CONFIGS, "dkdv": fa.DKDV_CONFIGS, "dq": fa.DQ_CONFIGS}
-    for stage, cfgs in stage_cfgs.items():
+    for stage, cfgs in fa.CONFIGS.items():
         for cfg in cfgs:
             for causal in (False, True):
                 yield stage, cfg, dict(causal=causal)
@@ -104,7 +108,7 @@ def default_cases():
         yield stage, fixed, dict(kpm=True, causal=True)
         yield stage, fixed, dict(kvlen=True)
         yield stage, fixed, dict(dtype="float16")
-        yield stage, fa._FP32_CONFIG, dict(dtype="float32")
+        yield stage, fa._FP32_CONFIG[stage], dict(dtype="float32")
         yield stage, fixed, dict(head_dim=32)
         yield stage, fa._WIDE_CONFIG[stage], dict(head_dim=128)
         yield stage, fa._WIDE_CONFIG[stage], dict(head_dim=80, causal=True, kpm=True)
@@ -124,9 +128,9 @@ def main(argv=None) -> int:
         print("compile_check: triton is not installed")
         return 2
     cases = list(default_cases())
-    stage_cfgs = {"fwd": fa.FWD_CONFIGS, "dkdv": fa.DKDV_CONFIGS, "dq": fa.DQ_CONFIGS}
+    stage_cfgs = fa.CONFIGS
     if args.quick:
-        cases = [(s, fa.FIXED_CONFIG[s], dict(causal=c)) for s in ("fwd", "dkdv", "dq")
+        cases = [(s, fa.FIXED_CONFIG[s], dict(causal=c)) for s in ("fwd", "bwd")
                  for c in (False, True)] + [("fwd", fa.FIXED_CONFIG["fwd"], dict(kpm=True, kvlen=True))]
     bad = 0
     for stage, cfg, kw in cases:

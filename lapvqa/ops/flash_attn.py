@@ -12,9 +12,12 @@ Design (after the Triton fused-attention tutorial and FlashAttention-2):
     loop carries no masking work. Saves the log-sum-exp (log2 domain) for the backward.
     Fully masked rows keep m = -inf; the update uses 0 as the reference so nothing turns NaN,
     and their log-sum-exp is stored as +inf, which makes every backward probability exactly 0.
-  * backward: delta = rowsum(dO * O) (preprocess), then dK/dV with one program per key block
-    looping over query blocks, and dQ with one program per query block looping over key
-    blocks: two kernels, no atomics, deterministic.
+  * backward: delta = rowsum(dO * O) (preprocess), then ONE fused kernel (Triton tutorial 06
+    style): program (i, b*h) computes dK/dV of key block i looping over query blocks, then dQ
+    of query block i looping over key blocks. Two launches per backward, no atomics,
+    deterministic.
+  * launch configs are chosen by our own small tuner (first call per pow2 length bucket and
+    mode) and then launched on the plain JIT kernel: per call the host does one dict lookup.
   * q/k/v/dO may be arbitrary strided views (e.g. slices of a fused qkv projection): every
     pointer is built from the four strides, nothing is copied.
   * head dims up to 128; a non-power-of-two head dim is padded inside the kernel (masked loads).
@@ -44,7 +47,7 @@ INTERPRET = AVAILABLE and os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
 # runtime ints that must not multiply compiles (729 vs 730, 8 vs 16 heads, tuning buckets)
-_SEQ_ARGS = ("H", "Nq", "Nk", "NQ_BUCKET", "NK_BUCKET")
+_SEQ_ARGS = ("H", "Nq", "Nk")
 
 
 if AVAILABLE:
@@ -156,7 +159,7 @@ if AVAILABLE:
     def _attn_fwd(Q, K, V, O, LSE, KPM, KVL,
                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                   sob, soh, som, sod, skpm_b,
-                  H, Nq, Nk, qk_scale, NQ_BUCKET, NK_BUCKET,
+                  H, Nq, Nk, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
@@ -231,19 +234,16 @@ if AVAILABLE:
             dk = _mma(dsT.to(q.dtype), q, dk, DOT_PREC)
         return dk, dv
 
-    @triton.jit(do_not_specialize=_SEQ_ARGS)
-    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KVL,
-                       sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                       sdob, sdoh, sdom, sdod, skpm_b,
-                       H, Nq, Nk, qk_scale, sm_scale, NQ_BUCKET, NK_BUCKET,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
-                       DOT_PREC: tl.constexpr):
-        start_n = tl.program_id(0) * BLOCK_N
-        off_bh = tl.program_id(1)
-        off_b = off_bh // H
-        off_h = off_bh % H
+    @triton.jit
+    def _bwd_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KVL,
+                        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                        sdob, sdoh, sdom, sdod, skpm_b, off_b, off_h, off_bh, start_n,
+                        Nq, Nk, qk_scale, sm_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
+                        DOT_PREC: tl.constexpr):
+        """dK, dV of keys [start_n, start_n + BLOCK_N): loop over the query blocks that see them."""
         q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
         do_base = DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh
         lse_base = LSE + off_bh.to(tl.int64) * Nq
@@ -261,7 +261,6 @@ if AVAILABLE:
         if HAS_KVLEN:
             n_valid = tl.minimum(tl.maximum(tl.load(KVL + off_b).to(tl.int32), 0), Nk)
         hi = tl.where(start_n < n_valid, Nq, 0)  # a block of padding keys gets no gradient
-        lo = 0
         full_lo = 0
         diag = Nk - Nq
         if CAUSAL:
@@ -310,19 +309,16 @@ if AVAILABLE:
             dq = _mma(ds.to(k.dtype), k, dq, DOT_PREC)
         return dq
 
-    @triton.jit(do_not_specialize=_SEQ_ARGS)
-    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, KVL,
-                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                     sdob, sdoh, sdom, sdod, skpm_b,
-                     H, Nq, Nk, qk_scale, sm_scale, NQ_BUCKET, NK_BUCKET,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
-        start_m = tl.program_id(0)
-        off_bh = tl.program_id(1)
-        off_b = off_bh // H
-        off_h = off_bh % H
+    @triton.jit
+    def _bwd_dq_block(Q, K, V, DO, LSE, DELTA, DQ, KPM, KVL,
+                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                      sdob, sdoh, sdom, sdod, skpm_b, off_b, off_h, off_bh, start_m,
+                      Nq, Nk, qk_scale, sm_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
+                      DOT_PREC: tl.constexpr):
+        """dQ of query block start_m: loop over the key blocks it sees."""
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         q = _load_rows(Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh,
@@ -347,26 +343,60 @@ if AVAILABLE:
         dq_off = off_bh.to(tl.int64) * Nq * HEAD_DIM
         _store_rows(DQ + dq_off, dq.to(DQ.dtype.element_ty), offs_m, offs_d, HEAD_DIM, 1, Nq, HEAD_DIM, BLOCK_D)
 
+    @triton.jit(do_not_specialize=_SEQ_ARGS)
+    def _attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, KVL,
+                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                  sdob, sdoh, sdom, sdod, skpm_b,
+                  H, Nq, Nk, qk_scale, sm_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+                  BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+        # One launch for the whole backward (after the delta preprocess), as in the Triton
+        # tutorial's fused backward: program i computes dK/dV of key block i, then dQ of query
+        # block i. No atomics (each output tile has one writer), deterministic.
+        pid = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = off_bh // H
+        off_h = off_bh % H
+        if pid * BLOCK_N1 < Nk:
+            _bwd_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KVL,
+                            sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                            sdob, sdoh, sdom, sdod, skpm_b, off_b, off_h, off_bh, pid * BLOCK_N1,
+                            Nq, Nk, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1,
+                            CAUSAL, HAS_KPM, HAS_KVLEN, DOT_PREC)
+        if pid * BLOCK_M2 < Nq:
+            _bwd_dq_block(Q, K, V, DO, LSE, DELTA, DQ, KPM, KVL,
+                          sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                          sdob, sdoh, sdom, sdod, skpm_b, off_b, off_h, off_bh, pid,
+                          Nq, Nk, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2,
+                          CAUSAL, HAS_KPM, HAS_KVLEN, DOT_PREC)
 
 
 # --------------------------------------------------------------------------------------------
 # launch configuration
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper (H100/H200) candidates after the Triton
-# tutorial's sweep; kept short because each one is compiled per specialisation, and tuning runs
+# Forward: (BLOCK_M, BLOCK_N, num_warps, num_stages). Backward (one fused kernel):
+# (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages): dK/dV of BLOCK_N1 keys
+# looping over BLOCK_M1 queries, then dQ of BLOCK_M2 queries looping over BLOCK_N2 keys.
+# Hopper (H100/H200) candidates after the Triton tutorial's sweep (its backward default is
+# 32/128/128/32, 4 warps, 5 stages, which spills on sm_90 here: 8 warps do not); kept short because each one is a compile, and tuning runs
 # once per process and (pow2-bucketed) shape.
 FWD_CONFIGS = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4))
-DKDV_CONFIGS = ((64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3))
-DQ_CONFIGS = ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3))
-FIXED_CONFIG = {"fwd": FWD_CONFIGS[0], "dkdv": DKDV_CONFIGS[0], "dq": DQ_CONFIGS[0]}
+BWD_CONFIGS = ((32, 128, 128, 32, 8, 4), (64, 128, 128, 64, 8, 3), (32, 128, 128, 32, 8, 5),
+               (32, 64, 64, 32, 4, 4))
+CONFIGS = {"fwd": FWD_CONFIGS, "bwd": BWD_CONFIGS}
+FIXED_CONFIG = {"fwd": FWD_CONFIGS[0], "bwd": BWD_CONFIGS[0]}
 # fp32 inputs (exact "ieee" dots, for checks) spill heavily at the bf16 tiles: small fixed tiles
-_FP32_CONFIG = (64, 32, 4, 2)
+_FP32_CONFIG = {"fwd": (64, 32, 4, 2), "bwd": (32, 64, 64, 32, 8, 2)}
 # head dims above 64 need 8 warps at these tiles to avoid spills (compile_check: D=128)
-_WIDE_CONFIG = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (128, 64, 8, 3)}
-_INTERPRET_CONFIG = (16, 16, 4, 1)  # tl.dot's minimum tile; keeps the CPU interpreter fast
+_WIDE_CONFIG = {"fwd": (128, 64, 8, 3), "bwd": (32, 64, 64, 32, 8, 2)}
+# tl.dot's minimum tile; keeps the CPU interpreter fast
+_INTERPRET_CONFIG = {"fwd": (16, 16, 4, 1), "bwd": (16, 16, 16, 16, 4, 1)}
 _PRE_BLOCK = 64
-_AUTOTUNE_KEY = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_KVLEN", "DOT_PREC"]
+_TUNED: dict = {}  # (stage, pow2 buckets, dtype, device, meta) -> config chosen by _tune
 
 
 def autotune_enabled() -> bool:
@@ -374,54 +404,66 @@ def autotune_enabled() -> bool:
     return not INTERPRET and os.environ.get("LAPVQA_ATTENTION_AUTOTUNE", "1") != "0"
 
 
-def _bench(fn, quantiles):  # short timing runs: tuning happens inside training and benchmarks
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-
-def _tuned(kernel, configs):
-    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in configs]
-    return triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY, do_bench=_bench)(kernel)
-
-
-if AVAILABLE:
-    # the bucket args only feed the autotune key (a decoder sees many lengths; tune per pow2)
-    _KERNELS = {
-        "fwd": (_attn_fwd, _tuned(_attn_fwd, FWD_CONFIGS)),
-        "dkdv": (_attn_bwd_dkdv, _tuned(_attn_bwd_dkdv, DKDV_CONFIGS)),
-        "dq": (_attn_bwd_dq, _tuned(_attn_bwd_dq, DQ_CONFIGS)),
-    }
-
-
 def _bucket(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _run(stage, rows, bh, args, meta, config):
-    """Launch `stage` over cdiv(rows, BLOCK)*bh programs; fixed `config` or autotuned (None)."""
-    plain, tuned = _KERNELS[stage]
-    block = "BLOCK_N" if stage == "dkdv" else "BLOCK_M"
-    if config is None and INTERPRET:
-        config = _INTERPRET_CONFIG
-    elif config is None and meta["DOT_PREC"] == "ieee":
-        config = _FP32_CONFIG
-    elif config is None and meta["HEAD_DIM"] > 64:
-        config = _WIDE_CONFIG[stage]
-    elif config is None and not autotune_enabled():
-        config = FIXED_CONFIG[stage]
-    if config is None:
-        tuned[lambda m: (triton.cdiv(rows, m[block]), bh)](*args, **meta)
+def _launch(stage, config, args, meta, nq, nk, bh):
+    """One launch of `stage` with an explicit config: the plain JIT kernel, no autotuner wrapper
+    (triton.autotune's per-call bookkeeping over ~40 args is host time on every step)."""
+    if stage == "fwd":
+        bm, bn, warps, stages = config
+        _attn_fwd[(triton.cdiv(nq, bm), bh)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                             num_warps=warps, num_stages=stages)
         return
-    bm, bn, warps, stages = config
-    grid = (triton.cdiv(rows, bm if block == "BLOCK_M" else bn), bh)
-    plain[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    m1, n1, m2, n2, warps, stages = config
+    grid = (max(triton.cdiv(nk, n1), triton.cdiv(nq, m2)), bh)
+    _attn_bwd[grid](*args, **meta, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2,
+                    num_warps=warps, num_stages=stages)
 
 
-def _strides(t):
-    return tuple(t.stride())
+def _tune(stage, args, meta, nq, nk, bh):
+    """Time every candidate once (short runs; outputs are just rewritten) and return the fastest.
+    A candidate that does not compile or fit (shared memory) is skipped, as triton.autotune does."""
+    timings, first_error = {}, None
+    for cfg in CONFIGS[stage]:
+        try:
+            timings[cfg] = triton.testing.do_bench(
+                lambda: _launch(stage, cfg, args, meta, nq, nk, bh), warmup=5, rep=20)
+        except Exception as e:  # noqa: BLE001 - OutOfResources / PTXAS errors differ by version
+            first_error = first_error or e
+    if not timings:
+        raise RuntimeError(f"flash_attn: no {stage} config compiled: {first_error}")
+    return min(timings, key=timings.get)
 
 
-def _meta(q, k, causal, kpm, kvl):
+def _config(stage, q, nq, nk, meta, forced):
+    if forced is not None:
+        return forced
+    if INTERPRET:
+        return _INTERPRET_CONFIG[stage]
+    if meta["DOT_PREC"] == "ieee":
+        return _FP32_CONFIG[stage]
+    if meta["HEAD_DIM"] > 64:
+        return _WIDE_CONFIG[stage]
+    if not autotune_enabled():
+        return FIXED_CONFIG[stage]
+    return None
+
+
+def _run(stage, q, nq, nk, bh, args, meta, forced):
+    """Launch `stage` with the forced/fixed config, else the tuned one (tuned on first use of a
+    (pow2 length bucket, dtype, mode) key, then one dict lookup per call)."""
+    config = _config(stage, q, nq, nk, meta, forced)
+    if config is None:
+        key = (stage, _bucket(nq), _bucket(nk), q.dtype, q.device.index, *meta.values())
+        config = _TUNED.get(key)
+        if config is None:
+            config = _TUNED[key] = _tune(stage, args, meta, nq, nk, bh)
+    _launch(stage, config, args, meta, nq, nk, bh)
+
+
+def _meta(q, causal, kpm, kvl):
     d = q.shape[-1]
     return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=bool(causal),
                 HAS_KPM=kpm is not None, HAS_KVLEN=kvl is not None,
@@ -443,37 +485,33 @@ def _forward(q, k, v, causal, kpm, kvl, scale, configs):
         return o, lse
     kpm_t = kpm if kpm is not None else lse  # never read when HAS_KPM is False
     kvl_t = kvl if kvl is not None else lse
-    args = (q, k, v, o, lse, kpm_t, kvl_t, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+    args = (q, k, v, o, lse, kpm_t, kvl_t, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             kpm_t.stride(0), H, Nq, Nk, scale * _LOG2E)
-    meta = dict(_meta(q, k, causal, kpm, kvl), NQ_BUCKET=_bucket(Nq), NK_BUCKET=_bucket(Nk))
-    _run("fwd", Nq, B * H, args, meta, configs.get("fwd"))
+    _run("fwd", q, Nq, Nk, B * H, args, _meta(q, causal, kpm, kvl), configs.get("fwd"))
     return o, lse
 
 
 def _backward(do, q, k, v, o, lse, causal, kpm, kvl, scale, configs):
+    """Two launches: delta = rowsum(dO * O), then the fused dK/dV + dQ kernel."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     dq = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, H, Nk, D), device=q.device, dtype=k.dtype)
     dv = torch.empty((B, H, Nk, D), device=q.device, dtype=v.dtype)
+    if B * H == 0 or Nq == 0 and Nk == 0:
+        return dq, dk, dv
     delta = torch.empty_like(lse)
-    meta = _meta(q, k, causal, kpm, kvl)
-    if B * H * Nq:
-        block = _INTERPRET_CONFIG[0] if INTERPRET else _PRE_BLOCK
+    meta = _meta(q, causal, kpm, kvl)
+    if Nq:
+        block = _INTERPRET_CONFIG["fwd"][0] if INTERPRET else _PRE_BLOCK
         _attn_bwd_pre[(triton.cdiv(Nq, block), B * H)](
-            o, do, delta, *_strides(o), *_strides(do), H, Nq,
+            o, do, delta, *o.stride(), *do.stride(), H, Nq,
             HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
     kpm_t = kpm if kpm is not None else lse
     kvl_t = kvl if kvl is not None else lse
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), kpm_t.stride(0),
-              H, Nq, Nk, scale * _LOG2E, scale)
-    meta.update(NQ_BUCKET=_bucket(Nq), NK_BUCKET=_bucket(Nk))
-    if B * H * Nk:
-        _run("dkdv", Nk, B * H, (q, k, v, do, lse, delta, dk, dv, kpm_t, kvl_t, *common), meta,
-             configs.get("dkdv"))
-    if B * H * Nq:
-        _run("dq", Nq, B * H, (q, k, v, do, lse, delta, dq, kpm_t, kvl_t, *common), meta,
-             configs.get("dq"))
+    args = (q, k, v, do, lse, delta, dq, dk, dv, kpm_t, kvl_t, *q.stride(), *k.stride(),
+            *v.stride(), *do.stride(), kpm_t.stride(0), H, Nq, Nk, scale * _LOG2E, scale)
+    _run("bwd", q, Nq, Nk, B * H, args, meta, configs.get("bwd"))
     return dq, dk, dv
 
 
@@ -521,7 +559,8 @@ def unsupported_reason(q, k, v, key_padding_mask=None, kv_lens=None):
 def flash_attention(q, k, v, *, causal=False, key_padding_mask=None, kv_lens=None, scale=None,
                     configs=None):
     """The fused kernel (same contract as lapvqa.ops.attention). `configs` optionally forces
-    {"fwd"|"dkdv"|"dq": (BLOCK_M, BLOCK_N, num_warps, num_stages)} (tests, benchmarks)."""
+    {"fwd": (BLOCK_M, BLOCK_N, num_warps, num_stages),
+     "bwd": (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages)} (tests, benchmarks)."""
     reason = unsupported_reason(q, k, v, key_padding_mask, kv_lens)
     if reason is not None:
         raise ValueError(f"flash_attention: {reason}")
