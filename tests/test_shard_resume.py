@@ -72,3 +72,45 @@ def test_kill9_then_resume_is_byte_identical(tmp_path, capsys):
     assert output_digest(out) == output_digest(ref)
     assert not list(out.rglob(".tmp.*"))
     assert main(["--verify", str(out), "--workers", "1"]) == 0
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_stops_workers_promptly_then_resume(tmp_path):
+    """SLURM preemption: SIGTERM to the sharder stops it and its workers; a re-run completes."""
+    tree = write_mimic_jpg_tree(tmp_path / "mimic", n_studies=6, images_per_study=2)
+    victim = next(tree.images_root.rglob(f"{next(iter(tree.expected_samples))}.jpg"))
+    data = victim.read_bytes()
+    victim.unlink()
+    os.mkfifo(victim)  # holds one worker mid-shard
+    out = tmp_path / "out"
+    args = ["--images", str(tree.images_root), "--reports", str(tree.reports_dir), "--out",
+            str(out), "--samples-per-shard", "2", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "lapvqa.shard", *args],
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(_sidecars(out)) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # to the main process only, as SLURM's first signal
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "re-run the same command to resume" in err
+    deadline = time.time() + 20  # workers and the forkserver go away too
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("worker processes outlived the sharder")
+    assert not (out / "manifest.json").exists()
+    victim.unlink()
+    victim.write_bytes(data)
+    assert main(args) == 0 and main(["--verify", str(out), "--workers", "1"]) == 0
+    assert not list(out.rglob(".tmp.*"))

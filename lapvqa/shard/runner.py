@@ -5,7 +5,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -55,6 +57,21 @@ def _drain(q, bar) -> None:
             return
 
 
+def _stop(ex: ProcessPoolExecutor) -> None:
+    """Error or SIGTERM: stop at once. Unfinished shards are never visible (atomic writes), and a
+    re-run redoes them; waiting for running shards could outlast SLURM's kill grace period."""
+    procs = list((getattr(ex, "_processes", None) or {}).values())  # shutdown() forgets them
+    ex.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.join(10)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def execute(jobs: list[ShardJob], ctx: JobContext, workers: int, bar) -> list[ShardResult]:
     """Run jobs (whole shards) on ``workers`` processes; results in job order."""
     if workers <= 1 or len(jobs) <= 1:
@@ -71,7 +88,7 @@ def execute(jobs: list[ShardJob], ctx: JobContext, workers: int, bar) -> list[Sh
                 _drain(q, bar)
                 results.extend(f.result() for f in done)
         except BaseException:
-            ex.shutdown(wait=True, cancel_futures=True)
+            _stop(ex)
             raise
         _drain(q, bar)
     order = {j.name: j.index for j in jobs}
@@ -107,6 +124,9 @@ def run_shard(opts: RunOptions, cfg: ShardConfig) -> int:
     if inputs.split_source.startswith("hash"):
         print("lapvqa.shard: warning: no mimic-cxr-2.0.0-split.csv: using a patient-level hash "
               "split (not the official one; pass --metadata MIMIC_CXR_JPG_ROOT)", file=sys.stderr)
+    # SLURM preemption/scancel sends SIGTERM: stop the workers and exit cleanly (re-run resumes).
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
     with _bar(sum(len(j.records) for j in jobs), opts.progress) as bar:
         try:
             results = execute(jobs, ctx, workers, bar)
@@ -114,6 +134,9 @@ def run_shard(opts: RunOptions, cfg: ShardConfig) -> int:
             print("lapvqa.shard: error: a worker process died (killed, or out of memory?); "
                   "finished shards are kept: re-run the same command to resume", file=sys.stderr)
             return 1
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, old_handler)
     manifest, missing = finalize(store, plan, cfg.settings(), inputs,
                                  known={r.name: r for r in results})
     print_summary(results, plan, manifest, missing, time.time() - t0, store.url(MANIFEST))
