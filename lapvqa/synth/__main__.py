@@ -15,15 +15,17 @@ _D = SynthConfig(out="")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lapvqa.synth",
-        description="Write a synthetic MIMIC-CXR-JPG-shaped tree (images, reports, metadata/split/"
-                    "CheXpert CSVs) whose findings are visible in the images and stated in the reports.",
+        description="Write a synthetic MIMIC-CXR-JPG-shaped tree (images, reports, metadata/"
+                    "split/CheXpert CSVs) whose findings are visible in the images and stated in "
+                    "the reports.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--studies", type=int, default=_D.studies)
     p.add_argument("--seed", type=int, default=_D.seed)
     p.add_argument("--findings", default=",".join(_D.findings),
                    help=f"comma-separated findings that can occur ({', '.join(FINDING_KEYS)})")
-    p.add_argument("--prevalence", type=float, default=_D.prevalence, help="per finding, independently")
+    p.add_argument("--prevalence", type=float, default=_D.prevalence,
+                   help="per finding, independently")
     p.add_argument("--min-size", type=int, default=_D.min_size, help="shortest longer-side, px")
     p.add_argument("--max-size", type=int, default=_D.max_size, help="longest longer-side, px")
     p.add_argument("--full-size", action="store_true",
@@ -59,7 +61,8 @@ def config_from_args(a: argparse.Namespace) -> SynthConfig:
         prevalence=a.prevalence, min_size=lo, max_size=hi, lateral_rate=a.lateral_rate,
         ap_rate=a.ap_rate, uncertain_rate=a.uncertain_rate, omit_negative_rate=a.omit_negative_rate,
         impression_only_rate=a.impression_only_rate, odd_layout_rate=a.odd_layout_rate,
-        split=split, reports=a.reports, jpeg_quality=a.jpeg_quality, workers=a.workers, force=a.force)
+        split=split, reports=a.reports, jpeg_quality=a.jpeg_quality, workers=a.workers,
+        force=a.force)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prev = ", ".join(f"{k} {v:.0%}" for k, v in summary.prevalence.items())
     splits = ", ".join(f"{k} {v}" for k, v in summary.by_split.items())
-    print(f"wrote {summary.images} images / {summary.studies} studies / {summary.patients} patients "
-          f"to {summary.out} in {summary.seconds:.1f} s\n  studies by split: {splits}\n"
+    print(f"wrote {summary.images} images / {summary.studies} studies / {summary.patients} "
+          f"patients to {summary.out} in {summary.seconds:.1f} s\n  studies by split: {splits}\n"
           f"  prevalence: {prev}\n  shard it: python -m lapvqa.shard --images {summary.out} "
           f"--reports {summary.out} --out SHARDS")
     return 0

@@ -45,7 +45,8 @@ class SynthConfig:
             raise ValueError("--studies must be at least 1")
         unknown = set(self.findings) - set(FINDING_KEYS)
         if unknown:
-            raise ValueError(f"unknown finding(s) {sorted(unknown)}; choose from {', '.join(FINDING_KEYS)}")
+            raise ValueError(f"unknown finding(s) {sorted(unknown)}; "
+                             f"choose from {', '.join(FINDING_KEYS)}")
         if not 0.0 <= self.prevalence <= 1.0:
             raise ValueError("--prevalence must be within [0, 1]")
         if not 64 <= self.min_size <= self.max_size:
@@ -197,7 +198,8 @@ def _study(rng, cfg: SynthConfig, ids: _UniqueIds, subject_id: int, split: str,
 
 def _finding(rng, cfg: SynthConfig, key: str) -> FindingState:
     present = key in cfg.findings and rng.random() < cfg.prevalence
-    side = str(rng.choice(["right", "left", "bilateral"] if key == "effusion" else ["right", "left"]))
+    sides = ["right", "left", "bilateral"] if key == "effusion" else ["right", "left"]
+    side = str(rng.choice(sides))
     severity = int(rng.integers(0, 3))
     devices: tuple[str, ...] = ()
     if key == "devices" and present:
@@ -205,7 +207,8 @@ def _finding(rng, cfg: SynthConfig, key: str) -> FindingState:
         devices = tuple(sorted(rng.choice(DEVICE_KINDS, size=n, replace=False).tolist(),
                                key=DEVICE_KINDS.index))
     if present:
-        hedged = key in ("effusion", "pneumothorax", "consolidation") and rng.random() < cfg.uncertain_rate
+        hedgeable = key in ("effusion", "pneumothorax", "consolidation")
+        hedged = hedgeable and rng.random() < cfg.uncertain_rate
         statement: Optional[int] = -1 if hedged else 1
         severity = 0 if hedged else severity
     else:

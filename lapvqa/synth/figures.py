@@ -40,6 +40,19 @@ def pick_rows(rows: list[dict], truth: dict[int, dict], n: int) -> list[dict]:
     return picked
 
 
+def _caption(row: dict, rec: dict) -> str:
+    said = present(row["generated"])
+    marks = "  ".join(f"{_SHORT[k]}{'+' if rec['truth'][k] else '-'}"
+                      f"{'' if said[k] == bool(rec['truth'][k]) else '(x)'}" for k in FINDING_KEYS)
+    return ("TRUE: " + marks + "\n\nGENERATED:\n" + _wrap(row["generated"] or "(empty)")
+            + "\n\nREFERENCE:\n" + _wrap(row.get("reference") or "-"))
+
+
+def _wrap(text: str, width: int = 62, max_lines: int = 12) -> str:
+    lines = textwrap.wrap(text, width)
+    return "\n".join(lines[:max_lines] + (["..."] if len(lines) > max_lines else []))
+
+
 def report_grid(rows: list[dict], truth: dict[int, dict], data_root: str, out: str,
                 n: int = 8, cols: int = 4) -> str:
     import matplotlib
@@ -51,22 +64,19 @@ def report_grid(rows: list[dict], truth: dict[int, dict], data_root: str, out: s
     if not picked:
         raise ValueError("no generated test report belongs to a synthetic study")
     nrows = (len(picked) + cols - 1) // cols
-    fig = plt.figure(figsize=(4.2 * cols, 7.6 * nrows))
+    fig = plt.figure(figsize=(4.2 * cols, 6.8 * nrows))
+    cell_h, cell_w = 0.96 / nrows, 1 / cols  # the top 4% holds the title
     for i, row in enumerate(picked):
         rec = truth[row["study_id"]]
-        ax = fig.add_axes([(i % cols) / cols + 0.01, 1 - (i // cols + 0.52) / nrows, 1 / cols - 0.02, 0.5 / nrows])
+        left, top = (i % cols) * cell_w + 0.01, 0.96 - (i // cols) * cell_h
+        ax = fig.add_axes([left, top - 0.5 * cell_h, cell_w - 0.02, 0.48 * cell_h])
         ax.imshow(_image(data_root, rec, row["dicom_id"]), cmap="gray", vmin=0, vmax=255)
         ax.set_axis_off()
         ax.set_title(f"study s{row['study_id']}", fontsize=8)
-        said = present(row["generated"])
-        marks = "  ".join(f"{_SHORT[k]}{'+' if rec['truth'][k] else '-'}{'' if said[k] == bool(rec['truth'][k]) else '(x)'}"
-                          for k in FINDING_KEYS)
-        text = ("TRUE: " + marks + "\n\nGENERATED:\n" + textwrap.fill(row["generated"], 62)
-                + "\n\nREFERENCE:\n" + textwrap.fill(row.get("reference") or "-", 62))
-        fig.text((i % cols) / cols + 0.01, 1 - (i // cols + 0.54) / nrows, text, fontsize=5.6,
-                 va="top", ha="left", family="monospace")
+        fig.text(left, top - 0.52 * cell_h, _caption(row, rec), fontsize=5.6, va="top", ha="left",
+                 family="monospace")
     fig.suptitle("Test images: generated vs. reference reports; TRUE = what the image shows "
-                 "(+ present, - absent, (x) generated report disagrees)", fontsize=10)
+                 "(+ present, - absent, (x) the generated report disagrees)", fontsize=10, y=0.995)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

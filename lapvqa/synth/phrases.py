@@ -21,8 +21,10 @@ class Finding:
     chexpert: str  # the CheXpert label column it drives
     title: str  # for tables
     mention: str  # regex: the clause talks about this finding
-    normal: str = ""  # regex: the clause says it is absent without a negation word ("heart size is normal")
-    needs_positive: str = ""  # regex: a mention only counts as positive with this too ("heart" alone is not)
+    # regex: the clause says it is absent without a negation word ("heart size is normal")
+    normal: str = ""
+    # regex: a mention only counts as positive with this too ("heart" alone is not)
+    needs_positive: str = ""
 
 
 FINDINGS: tuple[Finding, ...] = (
@@ -50,7 +52,8 @@ FINDINGS: tuple[Finding, ...] = (
     ),
     Finding(
         "consolidation", "Consolidation", "Consolidation",
-        mention=r"consolidation|airspace opacit|airspace disease|lungs are clear|lungs are well expanded and clear",
+        mention=(r"consolidation|airspace opacit|airspace disease|lungs are clear|"
+                 r"lungs are well expanded and clear"),
         normal=r"lungs are (?:well expanded and )?clear",
     ),
 )
@@ -58,7 +61,8 @@ FINDING_KEYS: tuple[str, ...] = tuple(f.key for f in FINDINGS)
 BY_KEY: dict[str, Finding] = {f.key: f for f in FINDINGS}
 
 # Words that negate what follows them inside the same clause (NegBio/CheXpert style).
-NEGATION = r"\bno\b|\bnot\b|\bwithout\b|negative for|free of|\bresolved\b|\bnor\b|\babsence of\b|\bnone\b"
+NEGATION = (r"\bno\b|\bnot\b|\bwithout\b|negative for|free of|\bresolved\b|\bnor\b|"
+            r"\babsence of\b|\bnone\b")
 # "no change in the effusion" does not negate the effusion.
 PSEUDO_NEGATION = r"\bno (?:significant |interval )?change\b|\bnot (?:significantly )?changed\b"
 UNCERTAINTY = (r"\bpossible\b|\bpossibly\b|\bmay\b|\bcould\b|cannot be (?:excluded|ruled out)|"
@@ -123,7 +127,8 @@ IMPRESSION_POSITIVE: dict[str, tuple[str, ...]] = {
     "devices": ("Support devices as described.", "Lines and tubes in standard position."),
     "consolidation": ("{Side} lower lobe consolidation.", "{Side} basilar consolidation."),
 }
-IMPRESSION_BILATERAL_EFFUSION = ("{size} bilateral pleural effusions.", "Bilateral pleural effusions.")
+IMPRESSION_BILATERAL_EFFUSION = ("{size} bilateral pleural effusions.",
+                                 "Bilateral pleural effusions.")
 # Each device sentence (a support-device finding lists one to three of them).
 DEVICE_SENTENCES: dict[str, tuple[str, ...]] = {
     "ett": ("Endotracheal tube terminates ___ cm above the carina",

@@ -35,7 +35,8 @@ def render(study: StudySpec, image: ImageSpec) -> np.ndarray:
     lateral = image.view in ("LATERAL", "LL")
     density = (_lateral if lateral else _frontal)(g_body, g_finding, geo, study)
     curve = _ExposureCurve(g_geo, portable=study.frontal == "AP")
-    # The curve is pointwise and monotone, so it commutes with upsampling: apply it on the small grid.
+    # The curve is pointwise and monotone, so it commutes with upsampling: apply it on the
+    # small grid.
     full = _upsample(curve(density), image.rows, image.cols)
     devices = _draw_devices(geo, study, lateral)
     if devices is not None:
@@ -122,7 +123,8 @@ def _frontal(rng, frng, geo: _Geometry, study: StudySpec) -> np.ndarray:
     img += 0.22 * pleura * (1 - fluid)
     abdomen = _ramp(v - dome, 0.02) * _ramp(wall - a, 0.03)  # liver and spleen below the domes
     img += (ABDOMEN - SOFT) * abdomen
-    img += _consolidation(frng, f["consolidation"], u, v, right, ac, ra, dia, geo.aspect) * aerated * (1 - ptx)
+    opacity = _consolidation(frng, f["consolidation"], u, v, right, ac, ra, dia, geo.aspect)
+    img += opacity * aerated * (1 - ptx)
 
     img += _ribs(u, v, a, t, top, dia, a_anat.rib_spacing)
     img = _mediastinum(img, u, v, top, dia, t, study, rng, geo.aspect)  # ribs fade behind the heart
@@ -161,8 +163,9 @@ def _consolidation(rng, state, u, v, right, ac, ra, dia, aspect):
     if not state.present:
         return np.zeros_like(u)
     sign = -1.0 if state.side == "right" else 1.0
-    cu = sign * (ac + float(rng.uniform(-0.05, 0.25)) * ra)  # lateral: the heart hides the medial base
-    return _blob(rng, u, v, cu, dia - float(rng.uniform(0.14, 0.2)), float(rng.uniform(0.2, 0.26)), aspect)
+    cu = sign * (ac + float(rng.uniform(-0.05, 0.25)) * ra)  # the heart hides the medial base
+    cv, r = dia - float(rng.uniform(0.14, 0.2)), float(rng.uniform(0.2, 0.26))
+    return _blob(rng, u, v, cu, cv, r, aspect)
 
 
 def _blob(rng, u, v, cu, cv, r, aspect):
@@ -216,14 +219,17 @@ def _lateral(rng, frng, geo: _Geometry, study: StudySpec) -> np.ndarray:
         height = (0.06, 0.1, 0.15)[f["effusion"].severity]
         post = np.clip((u + 0.2) / 0.8, 0, 1)
         lung = lung * (1 - _ramp(v - (dome - height * post ** 2), 0.02))
-    cons = _blob(frng, u, v, 0.2, dia - 0.17, 0.2, geo.aspect) if f["consolidation"].present else 0.0
+    cons = 0.0
+    if f["consolidation"].present:
+        cons = _blob(frng, u, v, 0.2, dia - 0.17, 0.2, geo.aspect)
     img = img * (1 - lung) + lung_density * lung + cons * lung
     scale = 1.25 if f["cardiomegaly"].present else 1.0
     heart = _ramp(1 - _ellipse(u, v, -0.22, dia - 0.1, 0.27 * scale, 0.15 * scale), 0.06)
     img = img * (1 - heart) + (HEART - 0.08) * heart
     bodies = np.maximum(np.cos(2 * np.pi * v / 0.06), 0) ** 0.5
     spine = _ramp(0.08 - np.abs(u - 0.58), 0.02) * _ramp(v - top + 0.1, 0.02)
-    sternum = _ramp(0.02 - np.abs(u + 0.64 + 0.1 * (v - 0.3)), 0.01) * _ramp(0.25 - np.abs(v - 0.45), 0.05)
+    sternum = _ramp(0.02 - np.abs(u + 0.64 + 0.1 * (v - 0.3)), 0.01)
+    sternum = sternum * _ramp(0.25 - np.abs(v - 0.45), 0.05)
     return img + (0.12 + 0.08 * bodies) * spine + 0.08 * sternum
 
 
@@ -258,13 +264,15 @@ def _draw_devices(geo: _Geometry, study: StudySpec, lateral: bool) -> np.ndarray
         if kind == "pacer":  # the generator: a bright rounded box
             x, y = xy[0]
             half = 0.07 * geo.cols
-            draw.rounded_rectangle((x - half, y - half * 0.6, x + half, y + half * 0.6), radius=half / 3, fill=250)
+            box = (x - half, y - half * 0.6, x + half, y + half * 0.6)
+            draw.rounded_rectangle(box, radius=half / 3, fill=250)
     layer = layer.filter(ImageFilter.GaussianBlur(radius=max(1.0, geo.cols / 800)))
     return np.asarray(layer, np.float32) / 255.0
 
 
 def _upsample(density: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    return np.array(Image.fromarray(density.astype(np.float32), "F").resize((cols, rows), Image.BILINEAR))
+    small = Image.fromarray(density.astype(np.float32), "F")
+    return np.array(small.resize((cols, rows), Image.BILINEAR))
 
 
 class _ExposureCurve:

@@ -21,14 +21,15 @@ _LUNG = ("consolidation", "effusion", "pneumothorax")
 _ADVERB = {"mild": "mildly", "moderate": "moderately", "severe": "markedly"}
 
 
-def write_report(study: StudySpec, odd_rate: float = 0.06, impression_only_rate: float = 0.1) -> str:
+def write_report(study: StudySpec, odd_rate: float = 0.06,
+                 impression_only_rate: float = 0.1) -> str:
     """The study's report; ``odd_rate`` of them old-style/free text, some with no FINDINGS."""
     rng = np.random.default_rng(study.report_seed)
     statements = finding_statements(rng, study.findings)
     layout = _layout(rng, odd_rate, impression_only_rate)
-    body = {
-        "modern": _modern, "impression_only": _impression_only, "old": _old_style, "free": _free_text,
-    }[layout](rng, study, statements)
+    writers = {"modern": _modern, "impression_only": _impression_only, "old": _old_style,
+               "free": _free_text}
+    body = writers[layout](rng, study, statements)
     if rng.random() < odd_rate / 2:
         body = _wet_read(rng, study) + body
     return body
@@ -58,12 +59,14 @@ def finding_statements(rng, findings: dict[str, FindingState]) -> list[str]:
         joint = joint and len(absent_lung) >= 2
     for key in _LUNG:
         state = findings[key]
-        if state.statement in (1, -1) or (state.statement == 0 and not joint and key in absent_lung):
+        alone = state.statement == 0 and not joint and key in absent_lung
+        if state.statement in (1, -1) or alone:
             out.append(_statement(rng, key, state))
     if joint:
         out.append(_joint_negative(rng, absent_lung))
     if findings["cardiomegaly"].statement is not None:
-        out.insert(int(rng.integers(0, len(out) + 1)), _statement(rng, "cardiomegaly", findings["cardiomegaly"]))
+        heart = _statement(rng, "cardiomegaly", findings["cardiomegaly"])
+        out.insert(int(rng.integers(0, len(out) + 1)), heart)
     if findings["consolidation"].pneumonia:
         out.append(str(rng.choice(P.PNEUMONIA_HEDGE)).strip())
     return out
@@ -88,7 +91,10 @@ def _devices(rng, state: FindingState) -> str:
 
 def _joint_negative(rng, keys: list[str]) -> str:
     nouns = [P.JOINT_NOUN[k] for k in keys]
-    items = nouns[0] if len(nouns) == 1 else ", ".join(nouns[:-1]) + (", or " if len(nouns) > 2 else " or ") + nouns[-1]
+    if len(nouns) == 1:
+        items = nouns[0]
+    else:
+        items = ", ".join(nouns[:-1]) + (", or " if len(nouns) > 2 else " or ") + nouns[-1]
     return str(rng.choice(P.JOINT_NEGATIVE)).format(items=items)
 
 
@@ -104,8 +110,8 @@ def impression_lines(rng, findings: dict[str, FindingState]) -> list[str]:
     for key in ("devices", "consolidation", "effusion", "pneumothorax", "cardiomegaly"):
         state = findings[key]
         if state.statement == 1:
-            table = (P.IMPRESSION_BILATERAL_EFFUSION if key == "effusion" and state.side == "bilateral"
-                     else P.IMPRESSION_POSITIVE[key])
+            bilateral = key == "effusion" and state.side == "bilateral"
+            table = P.IMPRESSION_BILATERAL_EFFUSION if bilateral else P.IMPRESSION_POSITIVE[key]
             lines.append(_fill(str(rng.choice(table)), key, state))
         elif state.statement == -1:
             lines.append(_fill(str(rng.choice(P.UNCERTAIN[key])), key, state))
@@ -118,7 +124,8 @@ def impression_lines(rng, findings: dict[str, FindingState]) -> list[str]:
 # ---- layouts ---------------------------------------------------------------------------------
 def _header(rng, study: StudySpec) -> list[str]:
     devices = study.findings["devices"].present
-    indication = str(rng.choice(P.INDICATIONS_DEVICES if devices and rng.random() < 0.6 else P.INDICATIONS))
+    pool = P.INDICATIONS_DEVICES if devices and rng.random() < 0.6 else P.INDICATIONS
+    indication = str(rng.choice(pool))
     comparison = str(rng.choice(P.COMPARISON[1:] if study.has_prior else P.COMPARISON[:2]))
     return [
         _field("EXAMINATION", P.EXAMINATION[study.frontal]), " ",
@@ -167,7 +174,8 @@ def _fillers(rng) -> list[str]:
 
 
 def _field(name: str, value: str) -> str:
-    return "\n".join(textwrap.wrap(f"{name}:  {value}", WIDTH, initial_indent=" ", subsequent_indent=" "))
+    lines = textwrap.wrap(f"{name}:  {value}", WIDTH, initial_indent=" ", subsequent_indent=" ")
+    return "\n".join(lines)
 
 
 def _section(name: str, sentences: list[str], numbered: bool = False) -> list[str]:

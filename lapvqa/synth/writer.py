@@ -73,11 +73,14 @@ def synthesize(cfg: SynthConfig) -> SynthSummary:
 
 
 def _prepare_out(cfg: SynthConfig) -> None:
-    if os.path.exists(os.path.join(cfg.out, "files")) or os.path.exists(os.path.join(cfg.out, TRUTH_FILE)):
+    ours = os.path.exists(os.path.join(cfg.out, TRUTH_FILE))
+    if ours or os.path.exists(os.path.join(cfg.out, "files")):
         if not cfg.force:
-            raise FileExistsError(f"{cfg.out} already holds a MIMIC-style tree; pass --force to replace it")
-        if not os.path.exists(os.path.join(cfg.out, TRUTH_FILE)):
-            raise FileExistsError(f"{cfg.out}/files was not written by lapvqa.synth; not deleting it")
+            raise FileExistsError(f"{cfg.out} already holds a MIMIC-style tree; "
+                                  "pass --force to replace it")
+        if not ours:
+            raise FileExistsError(f"{cfg.out}/files was not written by lapvqa.synth; "
+                                  "not deleting it")
         for name in OWNED:  # only what this module writes, never anything else in the folder
             path = os.path.join(cfg.out, name)
             if os.path.isdir(path):
@@ -123,16 +126,20 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def _write_reports(cfg: SynthConfig, studies: list[StudySpec]) -> None:
-    texts = {st.study_id: write_report(st, cfg.odd_layout_rate, cfg.impression_only_rate) for st in studies}
+    texts = {st.study_id: write_report(st, cfg.odd_layout_rate, cfg.impression_only_rate)
+             for st in studies}
     if cfg.reports in ("tree", "both"):
         for st in studies:
-            _write_atomic(study_dir(cfg.out, st.subject_id, st.study_id) + ".txt", texts[st.study_id].encode())
+            path = study_dir(cfg.out, st.subject_id, st.study_id) + ".txt"
+            _write_atomic(path, texts[st.study_id].encode())
     if cfg.reports in ("zip", "both"):
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for st in sorted(studies, key=lambda s: (s.subject_id, s.study_id)):
                 s = str(st.subject_id)
-                info = zipfile.ZipInfo(f"files/p{s[:2]}/p{s}/s{st.study_id}.txt", (2020, 1, 1, 0, 0, 0))
+                # A fixed timestamp keeps the zip byte-identical for a seed.
+                info = zipfile.ZipInfo(f"files/p{s[:2]}/p{s}/s{st.study_id}.txt",
+                                       (2020, 1, 1, 0, 0, 0))
                 zf.writestr(info, texts[st.study_id], zipfile.ZIP_DEFLATED)
         _write_atomic(os.path.join(cfg.out, "mimic-cxr-reports.zip"), buf.getvalue())
 
@@ -148,7 +155,8 @@ def chexpert_row(study: StudySpec) -> dict[str, str]:
         row["Lung Opacity"] = f"{float(cons):.1f}"
     if study.findings["consolidation"].pneumonia:  # "... could represent pneumonia."
         row["Pneumonia"] = "-1.0"
-    pathology = [k for k in FINDING_KEYS if k != "devices" and study.findings[k].statement in (1, -1)]
+    pathology = [k for k in FINDING_KEYS
+                 if k != "devices" and study.findings[k].statement in (1, -1)]
     # CheXpert: No Finding = 1 when no pathology is positive or uncertain (devices do not count).
     if not pathology:
         row["No Finding"] = "1.0"
@@ -218,6 +226,7 @@ def _summary(out: str, studies: list[StudySpec], seconds: float) -> SynthSummary
         out=out, studies=n, images=sum(len(s.images) for s in studies),
         patients=len({s.subject_id for s in studies}),
         by_split={sp: sum(1 for s in studies if s.split == sp) for sp in SPLITS},
-        prevalence={k: round(sum(s.findings[k].present for s in studies) / n, 3) for k in FINDING_KEYS},
+        prevalence={k: round(sum(s.findings[k].present for s in studies) / n, 3)
+                    for k in FINDING_KEYS},
         seconds=round(seconds, 2),
     )
