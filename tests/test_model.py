@@ -237,3 +237,41 @@ def test_bf16_weights_as_deepspeed_runs_them(tiny):
     assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05 * ref.item()
     assert model.vision_encoder(images).dtype == torch.bfloat16
     assert model.generate(images, max_new_tokens=3, num_beams=2).shape == (2, 3)
+
+
+def test_real_token_loss_equals_all_positions_loss():
+    """The LM head runs on real targets only; loss and every gradient equal the all-positions path
+    (which return_logits=True still takes)."""
+    torch.manual_seed(0)
+    model = CaptioningModel(get_config("tiny"))
+    images, (tokens, mask) = _images(model.config, 3), _batch([5, 9, 0], 12)
+    for reduction in ("mean", "sum"):
+        grads = []
+        for logits in (False, True):
+            model.zero_grad(set_to_none=True)
+            out = model(images, tokens, mask, reduction=reduction, return_logits=logits)
+            loss = out[0] if logits else out
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-6)
+        for (name, _), a, b in zip(model.named_parameters(), grads[0][1], grads[1][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_compile_blocks_traces_whole_blocks_and_keeps_names():
+    """Regional compilation (what benchmarks/model.py --variants compile:... measures): every
+    block traces as one graph (fullgraph: no graph breaks, e.g. in lapvqa.ops.attention), the
+    loss is unchanged, the state_dict keeps timm's names. backend="eager" checks the tracing
+    without a C++/CUDA toolchain."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = CaptioningModel(get_config("tiny"))
+    images, (tokens, mask) = _images(model.config, 2), _batch([6, 3], 8)
+    ref = model(images, tokens, mask)
+    keys = list(model.state_dict())
+    assert model.compile_blocks(backend="eager", fullgraph=True) is model
+    loss = model(images, tokens, mask)
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    assert list(model.state_dict()) == keys
+    assert all(p.grad is not None for p in model.parameters())
