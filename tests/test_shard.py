@@ -266,3 +266,12 @@ def test_all_rejected_shard_is_left_out(tmp_path):
     assert all(s["samples"] > 0 for v in m["splits"].values() for s in v["shards"])
     assert m["rejects"]["total"] == 3
     assert main(args) == 0 and main(["--verify", str(out), "--workers", "1"]) == 0
+
+
+def test_every_flag_has_help_and_defaults_follow_the_card():
+    from lapvqa.shard.cli import build_parser
+
+    p = build_parser()
+    assert all(a.help for a in p._actions), [a.dest for a in p._actions if not a.help]
+    d = p.parse_args([])
+    assert (d.size, d.sections, d.max_tokens, d.views) == (384, "full", 510, "all")

@@ -25,11 +25,20 @@ def _slurm_default(var: str, fallback: int) -> int:
         return fallback
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows real defaults only (not None/False, not twice)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lapvqa.shard",
         description="MIMIC-CXR(-JPG) + reports -> verified WebDataset shards (local or s3://).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Formatter)
     io_ = p.add_argument_group("inputs and output")
     io_.add_argument("--images", help="MIMIC-CXR-JPG root (files/ + mimic-cxr-2.0.0-*.csv[.gz]) "
                      "or MIMIC-CXR DICOM root (files/ + cxr-record-list.csv[.gz]); local or s3://")
@@ -52,10 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="images per shard (~45 MB at 384 px; ~370 train shards for MIMIC)")
     data.add_argument("--seed", type=int, default=_D.seed, help="seed of the global sample order")
     data.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
-    data.add_argument("--jpeg-quality", type=int, default=_D.jpeg_quality)
+    data.add_argument("--jpeg-quality", type=int, default=_D.jpeg_quality,
+                      help="quality of the output JPEGs (95: ~45 kB per 384 px image)")
     data.add_argument("--min-side", type=int, default=_D.min_side,
                       help="reject images whose shorter side is smaller (px)")
-    data.add_argument("--labels", choices=("chexpert", "negbio"), default=_D.labels)
+    data.add_argument("--labels", choices=("chexpert", "negbio"), default=_D.labels,
+                      help="which MIMIC-CXR-JPG label file fills json['labels']")
     run = p.add_argument_group("execution (never changes the output bytes)")
     run.add_argument("--workers", type=int, default=0, help="worker processes (0 = all CPUs)")
     run.add_argument("--io-threads", type=int, default=4, help="read-ahead threads per worker")
