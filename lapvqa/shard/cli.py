@@ -58,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--views", choices=("all", "frontal"), default=_D.views,
                       help="'frontal' keeps ViewPosition PA/AP only")
     data.add_argument("--samples-per-shard", type=int, default=_D.samples_per_shard,
-                      help="images per shard (~45 MB at 384 px; ~370 train shards for MIMIC)")
+                      help="images per shard (~30-50 MB at 384 px; ~370 train shards for MIMIC)")
     data.add_argument("--seed", type=int, default=_D.seed, help="seed of the global sample order")
     data.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     data.add_argument("--jpeg-quality", type=int, default=_D.jpeg_quality,
-                      help="quality of the output JPEGs (95: ~45 kB per 384 px image)")
+                      help="quality of the output JPEGs (95: ~30-50 kB per 384 px image)")
     data.add_argument("--min-side", type=int, default=_D.min_side,
                       help="reject images whose shorter side is smaller (px)")
     data.add_argument("--labels", choices=("chexpert", "negbio"), default=_D.labels,

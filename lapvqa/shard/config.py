@@ -18,9 +18,9 @@ class ShardConfig:
     sections: str = "full"  # full | findings-impression
     max_tokens: int = 510  # report tokens; the trainer adds EOT before and after -> 512
     views: str = "all"  # all | frontal (ViewPosition PA or AP)
-    # ~1000 x ~45 kB = ~45 MB per shard -> ~370 train shards for full MIMIC-CXR: every reader of
-    # 8 nodes x 8 GPUs x 4 loader workers (256) gets its own shards, and each shard streams in
-    # well under a second while being big enough for efficient sequential reads.
+    # 1000 x 30-50 kB = 30-50 MB per shard -> ~370 train shards for full MIMIC-CXR: every
+    # reader of 8 nodes x 8 GPUs x 4 loader workers (256) gets its own shards, and each shard
+    # streams in well under a second while being big enough for efficient sequential reads.
     samples_per_shard: int = 1000
     seed: int = 0  # global order: seeded shuffle per split, so each shard mixes patients
     jpeg_quality: int = 95

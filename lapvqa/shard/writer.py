@@ -1,6 +1,6 @@
 """One shard job: reuse a verified existing shard, or build the tar and write it atomically.
 
-A shard is built in memory (~45 MB at the defaults) with fixed tar metadata and member order, so
+A shard is built in memory (30-50 MB at the defaults) with fixed tar metadata and member order, so
 the bytes depend only on the plan; then it is written atomically (temp + rename locally, a
 completed upload on S3), then its sidecar ``_parts/<shard>.json`` (counts, sha256, rejects).
 A shard counts as done only when its sidecar exists and matches the shard: a kill at any point
