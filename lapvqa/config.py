@@ -51,11 +51,12 @@ class DataSection:
 
 @dataclass
 class AugmentSection:
-    # Light, geometry-preserving augmentation: radiographs are not flipped (laterality matters).
+    # Light augmentation, drawn per sample by the data workers and applied batched on the device
+    # (lapvqa.data.augment). Radiographs are never flipped: laterality is clinical information.
     enabled: bool = True
-    scale: float = 0.08  # zoom in/out by up to this fraction
-    translate: float = 0.04  # shift by up to this fraction of the image side
-    rotate_deg: float = 5.0
+    scale: float = 0.08  # zoom in/out by up to this fraction (borders black, like the shards' padding)
+    translate: float = 0.04  # shift by up to this fraction of the side
+    rotate_deg: float = 5.0  # +- degrees
     brightness: float = 0.1  # add up to +-this (fraction of full scale)
     contrast: float = 0.1  # multiply contrast by 1 +- this
 

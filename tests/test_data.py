@@ -15,6 +15,7 @@ import torch
 
 from lapvqa.config import load_config
 from lapvqa.data import build_train_loader, build_val_loader, load_manifest, make_units, stream_units
+from lapvqa.data.augment import apply_augment
 from lapvqa.data.batch import collate
 from lapvqa.data.manifest import DataError, ShardInfo
 from lapvqa.data.reader import ErrorLog, iter_tar_samples
@@ -88,12 +89,19 @@ def test_resume_mid_stream_is_exact(uneven):
         for a, b in zip(ref, head + tail):
             assert a.keys == b.keys
             assert torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens)
-    # the augmentation really changes pixels between epochs (same key, new draw)
+            assert torch.equal(a.aug, b.aug)
+    # the augmentation is drawn anew each epoch (same key, new parameters) and changes pixels
     by_key = {}
     for b in ref:
-        for k, img in zip(b.keys, b.images):
-            by_key.setdefault(k, []).append(img)
-    assert any(len(v) > 1 and not torch.equal(v[0], v[1]) for v in by_key.values())
+        for k, img, p in zip(b.keys, b.images, b.aug):
+            by_key.setdefault(k, []).append((img, p))
+    (img, p0), (_, p1) = next(v for v in by_key.values() if len(v) > 1)[:2]
+    assert not torch.equal(p0, p1)
+    out = apply_augment(img[None], p0[None])
+    assert out.shape == (1, 1, 64, 64) and 0 <= out.min() and out.max() <= 1
+    assert not torch.allclose(out, img[None].float() / 255, atol=0.02)
+    identity = torch.tensor([[1.0, 0, 0, 0, 1.0, 0]])
+    assert torch.allclose(apply_augment(img[None], identity), img[None].float() / 255, atol=1e-5)
 
 
 @pytest.mark.timeout(120)

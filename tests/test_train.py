@@ -222,7 +222,8 @@ def test_sigterm_checkpoints_then_exit_75_and_no_silent_restart(train_shards, re
                        checkpoint__every_steps=100)
     proc = _start(_plain(cfg), tmp_path / "log.txt")
     _wait_for_step(run, 2, proc)
-    os.kill(proc.pid, signal.SIGTERM)
+    # to the whole process group, DataLoader workers included (as launchers and srun do)
+    os.killpg(proc.pid, signal.SIGTERM)
     code, out = _finish(proc, tmp_path / "log.txt", 120)
     assert code == 75, out[-3000:]
     (tag,) = _complete(run)

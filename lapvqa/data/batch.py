@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ class Batch:
     mask: torch.Tensor  # bool [B, T], True on real positions (both EOTs included)
     keys: list[str]
     meta: dict = field(default_factory=dict)  # stream position and error counts (see stream.py)
+    aug: Optional[torch.Tensor] = None  # float32 [B, 6] augmentation parameters, or None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -27,12 +29,13 @@ class Batch:
 
     def pin_memory(self) -> "Batch":  # called by the DataLoader's pinning thread
         return Batch(self.images.pin_memory(), self.tokens.pin_memory(), self.mask.pin_memory(),
-                     self.keys, self.meta)
+                     self.keys, self.meta, None if self.aug is None else self.aug.pin_memory())
 
     def to(self, device) -> "Batch":
         nb = torch.device(device).type == "cuda"
         return Batch(self.images.to(device, non_blocking=nb), self.tokens.to(device, non_blocking=nb),
-                     self.mask.to(device, non_blocking=nb), self.keys, self.meta)
+                     self.mask.to(device, non_blocking=nb), self.keys, self.meta,
+                     None if self.aug is None else self.aug.to(device, non_blocking=nb))
 
 
 def collate(samples: list, meta: dict | None = None, image_size: int = 0) -> Batch:
@@ -49,5 +52,8 @@ def collate(samples: list, meta: dict | None = None, image_size: int = 0) -> Bat
         tokens[i, 1:n + 1] = s.tokens
         mask[i, :n + 2] = True
     images = torch.from_numpy(np.stack([s.image for s in samples])[:, None])
+    aug = None
+    if samples[0].aug is not None:
+        aug = torch.from_numpy(np.stack([s.aug for s in samples]))
     return Batch(images, torch.from_numpy(tokens), torch.from_numpy(mask),
-                 [s.key for s in samples], dict(meta or {}))
+                 [s.key for s in samples], dict(meta or {}), aug)

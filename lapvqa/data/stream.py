@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -55,6 +56,14 @@ class StreamSpec:
     @property
     def n_streams(self) -> int:
         return self.world * self.workers
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: launchers (deepspeed, torchrun, srun --signal) send SIGTERM/
+    SIGUSR1 to the whole process tree; a worker killed by it would fail the step that should
+    write the preemption checkpoint. The training process handles the signal; workers end with it."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def fingerprint(units: list[Unit]) -> str:
@@ -159,5 +168,5 @@ def make_train_loader(spec: StreamSpec, num_workers: int, prefetch_factor: int, 
         spec.first_worker = int(saved["next_worker"])
     kwargs = dict(num_workers=num_workers, batch_size=None, pin_memory=pin_memory)
     if num_workers > 0:
-        kwargs.update(prefetch_factor=prefetch_factor)
+        kwargs.update(prefetch_factor=prefetch_factor, worker_init_fn=ignore_stop_signals)
     return DataLoader(TrainStream(spec), **kwargs), DataState(spec, fp)

@@ -15,6 +15,7 @@ from lapvqa.data.batch import Batch, collate
 from lapvqa.data.manifest import ShardInfo
 from lapvqa.data.plan import Unit, split_units
 from lapvqa.data.reader import ErrorLog, iter_tar_samples
+from lapvqa.data.stream import ignore_stop_signals
 from lapvqa.data.transform import SampleError, decode_sample
 from lapvqa.storage import open_store
 
@@ -71,4 +72,5 @@ class ValStream(IterableDataset):
 
 def make_val_loader(spec: ValSpec, num_workers: int, pin_memory: bool) -> DataLoader:
     workers = min(num_workers, len(spec.units))
-    return DataLoader(ValStream(spec), batch_size=None, num_workers=workers, pin_memory=pin_memory)
+    return DataLoader(ValStream(spec), batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      worker_init_fn=ignore_stop_signals if workers > 0 else None)

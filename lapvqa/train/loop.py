@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from lapvqa import __version__
 from lapvqa.config import Config, save_config
-from lapvqa.data import DataError, build_train_loader
+from lapvqa.data import build_train_loader
+from lapvqa.data.augment import apply_augment
 from lapvqa.train.checkpoint import Checkpoints
 from lapvqa.train.dist import DistInfo, all_gather_object
 from lapvqa.train.engine import build_engine, build_model
@@ -131,7 +132,8 @@ class Trainer:
                 self.runlog.advance()
                 self._after_step(stats)
                 if stats["stop"]:
-                    self.save()
+                    if cfg.checkpoint.save_on_signal:
+                        self.save()
                     self.runlog.event("preempted", step=self.step, signal=int(self.stop.signum or 0))
                     log.warning("stopped by signal at step %d after checkpointing; exit %d",
                                 self.step, EXIT_PREEMPTED)
@@ -158,7 +160,8 @@ class Trainer:
             wait += time.perf_counter() - t0
             self.data_state.update(batch.meta)
             b = batch.to(dev)
-            loss = self.engine(b.images, b.tokens, b.mask)
+            images = b.images if b.aug is None else apply_augment(b.images, b.aug)
+            loss = self.engine(images, b.tokens, b.mask)
             if poison:
                 loss = loss * float("nan")  # fault injection (debug.nan_steps)
             value = float(loss.detach())
