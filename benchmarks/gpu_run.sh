@@ -16,12 +16,12 @@ STAGES=${STAGES:-check,attention,model}
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$R/gpu_env.txt"
 case ",$STAGES," in *,check,*)
-  timeout 170 python3 benchmarks/gpu_check.py --out "$R/attention_gpu_check.jsonl" 2>&1 | tee "$R/gpu_check.log";;
+  timeout ${CHECK_S:-170} python3 benchmarks/gpu_check.py --out "$R/attention_gpu_check.jsonl" 2>&1 | tee "$R/gpu_check.log";;
 esac
 case ",$STAGES," in *,attention,*)
-  timeout 130 python3 benchmarks/attention.py --out "$R/attention.jsonl" --time-budget 100 2>&1 | tee "$R/attention.log";;
+  timeout ${ATTN_S:-130} python3 benchmarks/attention.py --out "$R/attention.jsonl" --time-budget $(( ${ATTN_S:-130} - 30 )) 2>&1 | tee "$R/attention.log";;
 esac
 case ",$STAGES," in *,model,*)
-  timeout 200 python3 benchmarks/model.py --budget-s 170 ${MODEL_ARGS:-} --json-out "$R/model.jsonl" 2>&1 | tee "$R/model.log";;
+  timeout ${MODEL_S:-200} python3 benchmarks/model.py --budget-s $(( ${MODEL_S:-200} - 30 )) ${MODEL_ARGS:-} --json-out "$R/model.jsonl" 2>&1 | tee "$R/model.log";;
 esac
 echo "gpu_run: done"
