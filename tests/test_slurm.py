@@ -151,14 +151,18 @@ def _train_env(**extra) -> dict[str, str]:
     return {**env, **extra}
 
 
-def _submit_pretrain(cluster, cfg: str, cwd: Path, *sbatch_args: str) -> str:
-    (cwd / "logs").mkdir(exist_ok=True)
-    return cluster.sbatch(["-N", "2", *SMALL, *sbatch_args, str(SLURM_DIR / "pretrain.sbatch"),
-                           "--config", cfg], cwd=cwd, env=_train_env())
+def _submit_pretrain(cluster, cfg: str, logs: Path, *sbatch_args: str, **env: str) -> str:
+    """Submit as a user does, from the checkout; the log goes to ``logs`` instead of ./logs.
+    The GPU/task/CPU directives are overridden for this CPU cluster (one CPU rank per node)."""
+    logs.mkdir(exist_ok=True)
+    return cluster.sbatch(["-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0", *SMALL,
+                           f"--output={logs}/%x-%j.out", *sbatch_args,
+                           str(SLURM_DIR / "pretrain.sbatch")],
+                          cwd=REPO, env=_train_env(CONFIG=cfg, **env))
 
 
-def _job_log(cwd: Path) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in sorted((cwd / "logs").glob("*")))
+def _job_log(logs: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(logs.glob("*")))
 
 
 def _metrics(run: Path) -> tuple[list[dict], list[dict]]:
@@ -199,6 +203,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_logs_dir_left_in_checkout():
+    """pretrain.sbatch runs `mkdir -p logs` in the submit dir (the checkout): tidy it up."""
+    existed = (REPO / "logs").exists()
+    yield
+    if not existed:
+        try:
+            (REPO / "logs").rmdir()
+        except OSError:
+            pass
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     from train_fixtures import write_shards
@@ -214,7 +230,8 @@ def two_node_run(cluster, shards, tmp_path_factory):
     d = tmp_path_factory.mktemp("pretrain")
     cfg = write_config(d / "slurm.yaml", str(d / "slurm_run"), shards, **TRAIN_CFG)
     ds_cfg = write_config(d / "ds.yaml", str(d / "ds_run"), shards, **TRAIN_CFG)
-    job = _submit_pretrain(cluster, cfg, d)
+    # The script's extra-srun-flags variable (containers on real clusters): --label tags lines.
+    job = _submit_pretrain(cluster, cfg, d / "logs", LAPVQA_SRUN_ARGS="--label")
     with open(d / "ds.log", "w") as log:
         ds = subprocess.Popen([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port",
                                str(_free_port()), str(REPO / "launch" / "train.py"), "--config",
@@ -227,15 +244,10 @@ def two_node_run(cluster, shards, tmp_path_factory):
         if ds.poll() is None:
             os.killpg(ds.pid, signal.SIGKILL)
             ds.wait()
-    return dict(job=job, info=info[0], run=d / "slurm_run", log=_job_log(d),
+    return dict(job=job, info=info[0], run=d / "slurm_run", log=_job_log(d / "logs"),
                 ds_run=d / "ds_run", ds_code=ds_code, ds_log=(d / "ds.log").read_text())
 
 
-NO_PRETRAIN = pytest.mark.skipif(not (SLURM_DIR / "pretrain.sbatch").exists(),
-                                 reason="launch/slurm/pretrain.sbatch not committed yet")
-
-
-@NO_PRETRAIN
 @pytest.mark.timeout(400)
 def test_pretrain_two_nodes_one_rank_each_matches_deepspeed(cluster, two_node_run):
     r = two_node_run
@@ -245,6 +257,8 @@ def test_pretrain_two_nodes_one_rank_each_matches_deepspeed(cluster, two_node_ru
     assert r["info"]["NodeList"] == "n[1-2]" and r["info"]["NumTasks"] == "2"
     for node in ("n1", "n2"):
         assert f"launch task StepId={r['job']}.0 " in cluster.paths.log(f"slurmd-{node}").read_text()
+    assert "master 127.0.0.1:" in r["log"], r["log"][-2000:]  # n1's NodeAddr, from the script
+    assert any(line.startswith("1: ") for line in r["log"].splitlines())  # LAPVQA_SRUN_ARGS
     start = json.loads((r["run"] / "events.jsonl").read_text().splitlines()[0])
     assert (start["launcher"], start["world_size"]) == ("slurm", 2)
     # The two nodes see disjoint data.
@@ -274,7 +288,6 @@ def _preempt_signal() -> tuple[str, list[str]]:
     return m.group(2), (["--batch"] if m.group(1) else [])
 
 
-@NO_PRETRAIN
 @pytest.mark.timeout(400)
 def test_preemption_signal_checkpoints_requeues_and_resumes_exactly(cluster, shards,
                                                                       two_node_run, tmp_path):
@@ -284,16 +297,16 @@ def test_preemption_signal_checkpoints_requeues_and_resumes_exactly(cluster, sha
     # A short sleep per step only widens the window in which the signal lands mid-run.
     cfg = write_config(tmp_path / "c.yaml", str(run), shards, debug__step_sleep_s=0.5,
                        **TRAIN_CFG)
-    job = _submit_pretrain(cluster, cfg, tmp_path)
+    job = _submit_pretrain(cluster, cfg, tmp_path / "logs")
     deadline = time.monotonic() + 240
     while not ((run / "metrics.jsonl").exists() and len(_metrics(run)[0]) >= 2):
-        assert time.monotonic() < deadline, _job_log(tmp_path)[-4000:]
-        assert cluster.job_info(job)[0]["JobState"] in ("PENDING", "RUNNING"), _job_log(tmp_path)
+        assert time.monotonic() < deadline, _job_log(tmp_path / "logs")[-4000:]
+        assert cluster.job_info(job)[0]["JobState"] in ("PENDING", "RUNNING"), _job_log(tmp_path / "logs")
         time.sleep(0.2)
     sig, target = _preempt_signal()
     cluster.run(["scancel", f"--signal={sig}", *target, job])
     info = cluster.wait_job(job, timeout=300)[0]
-    log = _job_log(tmp_path)
+    log = _job_log(tmp_path / "logs")
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
