@@ -15,6 +15,7 @@ and prints images/s and the ratios (targets: 1 worker >= 1.5x plain, 2 workers >
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gzip
 import io
@@ -123,6 +124,18 @@ def _shard(root: Path, workers: int, per_shard: int) -> None:
     sharder(root, out, workers, per_shard)
 
 
+def _shard_inprocess(root: Path, per_shard: int) -> None:
+    from lapvqa.shard import main as shard_main
+
+    out = root / "shards_inproc"
+    shutil.rmtree(out, ignore_errors=True)
+    with contextlib.redirect_stderr(io.StringIO()):  # its summary table is not benchmark output
+        rc = shard_main(["--images", str(root / "jpg"), "--reports", str(root / "reports"),
+                         "--out", str(out), "--workers", "1", "--samples-per-shard",
+                         str(per_shard), "--no-progress"])
+    assert rc == 0
+
+
 def timed(fn, *args) -> float:
     t = time.perf_counter()
     fn(*args)
@@ -156,6 +169,16 @@ def main(argv=None) -> int:
                              ("sharder --workers 1", lambda: _shard(root, 1, a.samples_per_shard)),
                              ("sharder --workers 2", lambda: _shard(root, 2, a.samples_per_shard))):
                 res[name] = min(res.get(name, float("inf")), timed(fn))
+        # CPU time per image (all threads of this process), steady state: far less sensitive to
+        # other jobs on the machine than wall time. Sharder in-process, --workers 1.
+        cpu: dict[str, float] = {}
+        for _ in range(a.rounds):
+            for name, fn in (("plain", lambda: plain(root, root / "plain.tar")),
+                             ("sharder --workers 1",
+                              lambda: _shard_inprocess(root, a.samples_per_shard))):
+                t = time.process_time()
+                fn()
+                cpu[name] = min(cpu.get(name, float("inf")), time.process_time() - t)
         same = all((root / "shards1" / f.name).read_bytes() == f.read_bytes()
                    for f in (root / "shards2").glob("*.tar"))
         print(f"best of {a.rounds} interleaved rounds")
@@ -168,6 +191,10 @@ def main(argv=None) -> int:
         print(f"sharder 1 worker vs plain:        {r1:.2f}x  (target >= 1.5x)")
         print(f"sharder 1 worker vs plain+draft:  {rd:.2f}x  (no target; stronger baseline)")
         print(f"sharder 2 workers vs 1 worker:    {r2:.2f}x  (target >= 1.7x)")
+        print(f"CPU ms per image, steady state (in-process, best of {a.rounds}): plain "
+              f"{1000 * cpu['plain'] / n:.1f}, sharder 1 worker "
+              f"{1000 * cpu['sharder --workers 1'] / n:.1f} -> "
+              f"{cpu['plain'] / cpu['sharder --workers 1']:.2f}x")
         print(f"shards byte-identical for 1 and 2 workers: {same}; "
               f"load avg after: {os.getloadavg()[0]:.2f}")
     finally:
