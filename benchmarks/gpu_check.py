@@ -9,7 +9,8 @@
    SDPA math in fp32, so the autotuner can never pick a broken config (this also fills triton's
    compile cache for benchmarks/attention.py);
 3. the autotuned path through the dispatcher (LAPVQA_ATTENTION=triton) at the ViT shape, and
-   bitwise determinism of forward+backward (no atomics).
+   bitwise determinism of forward+backward (no atomics);
+4. the dispatcher's kernel inside torch.compile (inductor, fullgraph=True) against eager.
 Errors are max|x - ref| / max|ref| per tensor; the bound scales with the input dtype and is also
 checked against SDPA's own error in that dtype (the kernel may not be much worse than SDPA).
 Run it before benchmarks/attention.py; ~35 kernel compiles, then seconds of checks (< 90 s).
@@ -133,6 +134,23 @@ def autotuned_checks(emit):
     emit(dict(check="deterministic_fwd_bwd", ok=same))
 
 
+def compiled_check(emit):
+    """Part 4: the kernel inside torch.compile (inductor, fullgraph: no graph break) matches eager.
+    The ops are opaque custom ops, so compiled and eager run the same launches: errors ~0."""
+    os.environ["LAPVQA_ATTENTION"] = "triton"
+    dispatch = importlib.import_module("lapvqa.ops.attention")
+
+    def block(q, k, v):
+        return dispatch.attention(q * 1.5, k, v, causal=True) * 2
+
+    q, k, v, do = _inputs(4, 8, 256, 256, 64, torch.bfloat16, strided=True)
+    want = _grads(block, q, k, v, do)
+    got = _grads(torch.compile(block, fullgraph=True), q, k, v, do)
+    errs = _rel_errs(got, want)
+    emit(dict(check="torch_compile_inductor_fullgraph", ok=max(errs) < 1e-2,
+              errs=dict(zip(("out", "dq", "dk", "dv"), errs))))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON lines file (appended)")
@@ -166,6 +184,12 @@ def main(argv=None) -> int:
         autotuned_checks(emit)
     except Exception as e:  # noqa: BLE001
         emit(dict(check="autotuned", ok=False, error=f"{type(e).__name__}: {e}"[:300]))
+        traceback.print_exc(limit=3)
+    try:
+        compiled_check(emit)
+    except Exception as e:  # noqa: BLE001
+        emit(dict(check="torch_compile_inductor_fullgraph", ok=False,
+                  error=f"{type(e).__name__}: {e}"[:300]))
         traceback.print_exc(limit=3)
     status = "FAIL" if failed else "PASS"
     print(f"GPU_CHECK {status}: {len(failed)} failed {failed} in {time.time() - start:.0f}s", flush=True)

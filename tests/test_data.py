@@ -241,3 +241,26 @@ def test_s3_stream_with_broken_connections_loses_nothing(train_shards, moto_s3, 
 def test_missing_manifest_is_clear(tmp_path):
     with pytest.raises(DataError, match="no manifest.json in"):
         load_manifest(str(tmp_path))
+
+
+def test_tar_reader_matches_tarfile_and_detects_every_truncation():
+    import io
+    import tarfile
+
+    from lapvqa.data.reader import TarError, iter_tar_members
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        buf = io.BytesIO()
+        long = ("dir/" * 30 + "f.txt") if fmt == tarfile.USTAR_FORMAT else "d" * 150 + ".txt"
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for name, data in (("a.jpg", b"x" * 1000), (long, b"yy"), ("e.npy", b""), ("big", b"z" * 5000)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        data = buf.getvalue()
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            ref = [(m.name, tar.extractfile(m).read()) for m in tar]
+        assert list(iter_tar_members(io.BytesIO(data))) == ref
+        end = data.rindex(b"z" * 5000) + 5000 + (-5000 % 512)  # where the end marker starts
+        for cut in range(0, end + 512, 64):  # includes cuts exactly at member boundaries
+            with pytest.raises(TarError):
+                list(iter_tar_members(io.BytesIO(data[:cut])))
