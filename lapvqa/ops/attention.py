@@ -16,11 +16,13 @@ Contract (every caller relies on it):
   kv_lens: optional [B] int, keys at positions >= kv_lens[b] are masked (alternative to the mask).
   scale: softmax scale, default 1/sqrt(D).
 Returns [B, H, Nq, D]. A query row with no visible key returns zeros (never NaN).
+
+Works inside torch.compile'd regions (fullgraph too): the dispatch is plain traceable Python and
+the kernel enters the graph as two opaque custom ops (lapvqa/ops/flash_ops.py).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import warnings
@@ -53,13 +55,20 @@ class AutoRule:
 
 # Where "auto" picks the kernel on CUDA: the cases where benchmarks/attention.py measured the
 # kernel at >= 1.0x the best SDPA backend (that script prints these rules from its results).
-# H200 run 1 (benchmarks/results/h200_run1/attention.log, bf16): the only win was inference on
-# the key-padded causal decoder (SDPA with a mask leaves its flash/cuDNN fast paths): forward
-# 0.097 ms vs 0.466 ms cuDNN, x4.79. Forward+backward lost everywhere in run 1 (x0.28-x0.92), so
-# there is no training rule; re-derive these lines from run 2 after the backward rewrite.
+# Source: H200 run 3 (benchmarks/results/h200_run3/attention.log; bf16, D=64, batch 32, torch
+# 2.11 + triton 3.6, fused backward). Only measured wins; every other case (ViT 729 x0.97 fwd /
+# x0.89 fwd+bwd, unpadded decoder fwd+bwd x0.72-x0.81, cross-attention x0.28-x0.54) stays SDPA.
 AUTO_KERNEL_RULES: tuple[AutoRule, ...] = (
+    # causal decoder inference: 0.116 vs 0.123 ms (efficient), x1.06
+    AutoRule(causal=True, masked=False, head_dims=(64,), nq=(129, 256), nk=(129, 256),
+             training=False),
+    # causal decoder inference: 0.121 vs 0.145 ms (efficient), x1.19
+    AutoRule(causal=True, masked=False, head_dims=(64,), nq=(257, 512), nk=(257, 512),
+             training=False),
+    # key-padded causal decoder (a mask pushes SDPA off flash/cuDNN): fwd 0.116 vs 0.397 ms
+    # (cuDNN), x3.42; fwd+bwd 0.455 vs 0.847 ms (efficient), x1.86
     AutoRule(causal=True, masked=True, head_dims=(64,), nq=(129, 256), nk=(129, 256),
-             training=False),  # decoder_causal_256_padded x4.79
+             training=None),
 )
 
 _warned: set[str] = set()
@@ -73,8 +82,10 @@ def attention_backend() -> str:
 
 
 def _flash():
-    """lapvqa.ops.flash_attn, imported on first use (triton reads TRITON_INTERPRET at import)."""
-    return importlib.import_module("lapvqa.ops.flash_attn")
+    """lapvqa.ops.flash_attn, imported on first use (triton reads TRITON_INTERPRET at import).
+    A plain import statement, not importlib: dynamo traces it inside torch.compile'd regions."""
+    from lapvqa.ops import flash_attn
+    return flash_attn
 
 
 def _warn_once(msg: str) -> None:

@@ -21,6 +21,10 @@ Design (after the Triton fused-attention tutorial and FlashAttention-2):
   * q/k/v/dO may be arbitrary strided views (e.g. slices of a fused qkv projection): every
     pointer is built from the four strides, nothing is copied.
   * head dims up to 128; a non-power-of-two head dim is padded inside the kernel (masked loads).
+  * autograd and torch.compile: forward and backward are the custom ops
+    ``torch.ops.lapvqa.flash_attn_fwd/_bwd`` (lapvqa/ops/flash_ops.py, which wraps _forward and
+    _backward below), so compiled graphs hold them as opaque nodes and the host-side launch
+    code and tuner always run eagerly.
 
 Triton is imported lazily-guarded: without triton (or without CUDA and TRITON_INTERPRET=1) the
 module still imports and :data:`AVAILABLE` is False. ``TRITON_INTERPRET=1`` must be set before
@@ -34,6 +38,8 @@ import math
 import os
 
 import torch
+
+from lapvqa.ops import flash_ops  # noqa: F401  registers torch.ops.lapvqa.flash_attn_*
 
 try:  # the package must import without triton (CPU-only installs)
     import triton
@@ -515,21 +521,6 @@ def _backward(do, q, k, v, o, lse, causal, kpm, kvl, scale, configs):
     return dq, dk, dv
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, kpm, kvl, scale, configs):
-        o, lse = _forward(q, k, v, causal, kpm, kvl, scale, configs)
-        ctx.save_for_backward(q, k, v, o, lse, kpm, kvl)
-        ctx.causal, ctx.scale, ctx.configs = causal, scale, configs
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, kpm, kvl = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, kpm, kvl, ctx.scale, ctx.configs)
-        return dq, dk, dv, None, None, None, None, None
-
-
 def unsupported_reason(q, k, v, key_padding_mask=None, kv_lens=None):
     """None when the kernel can run these inputs, else a one-line reason."""
     if not AVAILABLE:
@@ -570,4 +561,9 @@ def flash_attention(q, k, v, *, causal=False, key_padding_mask=None, kv_lens=Non
     if key_padding_mask is not None:  # bytes: 1 = keep
         kpm = key_padding_mask.to(device=q.device, dtype=torch.bool).contiguous().view(torch.uint8)
     kvl = None if kv_lens is None else kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
-    return _FlashAttention.apply(q, k, v, bool(causal), kpm, kvl, float(scale), dict(configs or {}))
+    configs = configs or {}
+    fwd_cfg, bwd_cfg = (None if configs.get(s) is None else list(configs[s]) for s in ("fwd", "bwd"))
+    # custom ops (lapvqa/ops/flash_ops.py): opaque to torch.compile, autograd registered there
+    out, _lse = torch.ops.lapvqa.flash_attn_fwd(q, k, v, kpm, kvl, bool(causal), float(scale),
+                                                fwd_cfg, bwd_cfg)
+    return out
