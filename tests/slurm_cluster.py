@@ -261,7 +261,7 @@ class SlurmCluster:
             proc = self._procs.get(name)
             if proc is not None:
                 _terminate(proc)
-        for pid in self._marked_pids():
+        for pid in self.marked_pids():
             _kill_pid(pid)
         self._procs.clear()
         if os.environ.get("LAPVQA_KEEP_SLURM_DIR"):
@@ -278,7 +278,10 @@ class SlurmCluster:
                 return
             time.sleep(0.5)
 
-    def _marked_pids(self) -> list[int]:
+    def daemon_pids(self) -> list[int]:
+        return [p.pid for p in self._procs.values()]
+
+    def marked_pids(self) -> list[int]:
         """Processes (job steps, their children) that inherited this cluster's marker."""
         needle = f"{MARKER}={self.base}".encode() + b"\0"
         pids = []

@@ -73,10 +73,10 @@ def test_stop_ends_daemons_and_running_jobs(tmp_path):
         job = c.sbatch(["-N", "2", "--wrap", "srun sleep 600"], cwd=tmp_path)
         c.wait_state(job, {"RUNNING"}, timeout=60)
         deadline = time.monotonic() + 30  # the srun'ed sleeps appear a moment later
-        while len(c._marked_pids()) < 4 and time.monotonic() < deadline:
+        while len(c.marked_pids()) < 4 and time.monotonic() < deadline:
             time.sleep(0.3)
-        daemons = [p.pid for p in c._procs.values()]
-        marked = c._marked_pids()
+        daemons = c.daemon_pids()
+        marked = c.marked_pids()
         base = c.base
         assert len(daemons) == 4 and len(marked) >= 4
     finally:
