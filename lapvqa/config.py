@@ -85,6 +85,8 @@ class TrainSection:
     zero_stage: int = 2
     max_nonfinite_in_row: int = 5  # abort after this many consecutive non-finite steps
     grad_checkpointing: bool = False  # recompute encoder/decoder activations in backward
+    compile: bool = False  # CUDA: regional torch.compile of each block (ignored on CPU)
+    optimizer_impl: str = "torch"  # torch: torch AdamW (fused kernel on CUDA) | fused: DeepSpeed FusedAdam
 
 
 @dataclass
@@ -128,7 +130,7 @@ class Config:
 
 
 _CHOICES = {("run", "resume"): ("auto", "never"), ("train", "precision"): ("bf16", "fp32", "auto"),
-            ("train", "zero_stage"): (1, 2)}
+            ("train", "zero_stage"): (1, 2), ("train", "optimizer_impl"): ("torch", "fused")}
 
 
 def _sections(obj) -> dict[str, type]:

@@ -97,3 +97,45 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "validate.every_step" in err[0] and "every_steps" in err[0], r.stderr
+
+
+def test_deepspeed_config_cpu_unchanged_and_cuda_tuned():
+    """CPU keeps the settings every CPU test ran with; CUDA gets fewer, larger buckets, overlap
+    only with >1 rank, and the chosen AdamW (no GPU needed: the dict is derived from the device)."""
+    import torch
+    from lapvqa.train.ds_config import deepspeed_config
+    cfg = load_config(REPO / "configs" / "pretrain.yaml", ["--train.precision=bf16"])
+    cpu = deepspeed_config(cfg, 2, torch.device("cpu"))
+    assert cpu["zero_optimization"] == {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
+                                        "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
+    assert cpu["optimizer"]["params"]["torch_adam"] is True and "fused" not in cpu["optimizer"]["params"]
+    assert cpu["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    one, many = (deepspeed_config(cfg, n, torch.device("cuda")) for n in (1, 16))
+    assert one["zero_optimization"]["overlap_comm"] is False and many["zero_optimization"]["overlap_comm"] is True
+    assert many["zero_optimization"]["reduce_bucket_size"] == 2e8
+    assert many["zero_optimization"]["allgather_bucket_size"] == 5e8
+    assert many["optimizer"]["params"]["torch_adam"] is True and many["optimizer"]["params"]["fused"] is True
+    cfg.train.optimizer_impl = "fused"
+    assert deepspeed_config(cfg, 16, torch.device("cuda"))["optimizer"]["params"] == {
+        **{k: v for k, v in many["optimizer"]["params"].items() if k != "fused"}, "torch_adam": False}
+    assert deepspeed_config(cfg, 2, torch.device("cpu"))["optimizer"]["params"]["torch_adam"] is True
+    with pytest.raises(ConfigError, match="optimizer_impl"):
+        load_config(REPO / "configs" / "tiny.yaml", ["--train.optimizer_impl=apex"])
+
+
+def test_compile_is_ignored_on_cpu():
+    from lapvqa.train.engine import maybe_compile
+    import torch
+    calls = []
+
+    class Model:
+        def compile_blocks(self):
+            calls.append(1)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["--train.compile=true"])
+    maybe_compile(cfg, Model(), torch.device("cpu"))
+    assert calls == []
+    maybe_compile(cfg, Model(), torch.device("cuda"))  # compile_blocks is lazy: no GPU needed
+    assert calls == [1]
+    cfg.train.compile = False
+    maybe_compile(cfg, Model(), torch.device("cuda"))
+    assert calls == [1]

@@ -93,7 +93,7 @@ def reference(train_shards, tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
-def test_reference_run_learns_and_writes_the_run_dir(reference):
+def test_reference_run_learns_and_writes_the_run_dir(reference, train_shards):
     run, out = reference
     train, val = _rows(run)
     assert [r["step"] for r in train] == list(range(1, 13))
@@ -124,6 +124,11 @@ def test_reference_run_learns_and_writes_the_run_dir(reference):
                         weights_only=True)
     assert states["step"] == 12 and len(states["data_state"]["ranks"]) == 2
     assert states["config"]["train"]["max_steps"] == 12 and "module" in states
+    # provenance: the manifest's hash in the checkpoint and its marker, and the release card finds it
+    import hashlib
+    from lapvqa.release.card import manifest_sha256
+    sha = hashlib.sha256((Path(train_shards) / "manifest.json").read_bytes()).hexdigest()
+    assert states["manifest_sha256"] == marker["manifest_sha256"] == manifest_sha256(states) == sha
     # ranks read disjoint samples at every step
     keys = [[json.loads(l)["keys"] for l in (run / "keys" / f"rank{r}.jsonl").read_text().splitlines()]
             for r in (0, 1)]

@@ -24,8 +24,10 @@ __all__ = ["Batch", "DataError", "DataState", "Manifest", "ShardInfo", "StreamSp
            "split_units", "stream_units"]
 
 
-def train_spec(cfg: Config, image_size: int, rank: int, world: int) -> StreamSpec:
-    _, manifest = load_manifest(cfg.data.shards)
+def train_spec(cfg: Config, image_size: int, rank: int, world: int,
+               manifest: Optional[Manifest] = None) -> StreamSpec:
+    if manifest is None:
+        _, manifest = load_manifest(cfg.data.shards)
     workers = max(1, cfg.data.num_workers)
     units = make_units(manifest.shards(cfg.data.train_split), world * workers)
     return StreamSpec(url=cfg.data.shards, units=units, seed=cfg.seed, rank=rank, world=world,
@@ -37,10 +39,14 @@ def train_spec(cfg: Config, image_size: int, rank: int, world: int) -> StreamSpe
 
 def build_train_loader(cfg: Config, image_size: int, rank: int, world: int,
                        saved: Optional[dict] = None, pin_memory: bool = False):
-    """(infinite DataLoader of Batch, DataState) for this rank; ``saved`` = this rank's state."""
-    spec = train_spec(cfg, image_size, rank, world)
-    return make_train_loader(spec, cfg.data.num_workers, cfg.data.prefetch_factor,
-                             pin_memory and cfg.data.pin_memory, saved)
+    """(infinite DataLoader of Batch, DataState) for this rank; ``saved`` = this rank's state.
+    ``state.manifest_sha256`` is the hash of the manifest.json these shards were planned from."""
+    _, manifest = load_manifest(cfg.data.shards)
+    spec = train_spec(cfg, image_size, rank, world, manifest)
+    loader, state = make_train_loader(spec, cfg.data.num_workers, cfg.data.prefetch_factor,
+                                      pin_memory and cfg.data.pin_memory, saved)
+    state.manifest_sha256 = manifest.sha256
+    return loader, state
 
 
 def build_val_loader(cfg: Config, image_size: int, rank: int, world: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ class Manifest:
     url: str
     splits: dict[str, list[ShardInfo]]
     settings: dict
+    sha256: str = ""  # of manifest.json's bytes as read: the run's data provenance (checkpoints, card)
 
     def shards(self, split: str) -> list[ShardInfo]:
         if split not in self.splits:
@@ -42,8 +44,9 @@ def load_manifest(url: str) -> tuple[Store, Manifest]:
     if not store.exists("manifest.json"):
         raise DataError(f"no manifest.json in {url}: point data.shards at the sharder's output "
                         "(python -m lapvqa.shard writes manifest.json last, when it is complete)")
+    raw = store.read_bytes("manifest.json")
     try:
-        doc = json.loads(store.read_bytes("manifest.json"))
+        doc = json.loads(raw)
     except ValueError as e:
         raise DataError(f"{url}/manifest.json is not valid JSON: {e}") from None
     if doc.get("format") != "lapvqa-shards" or doc.get("format_version") != 1:
@@ -53,4 +56,5 @@ def load_manifest(url: str) -> tuple[Store, Manifest]:
     for split, entry in (doc.get("splits") or {}).items():
         splits[split] = [ShardInfo(s["name"], int(s["samples"]), int(s.get("bytes", 0)),
                                    s.get("sha256", "")) for s in entry.get("shards", [])]
-    return store, Manifest(url=url, splits=splits, settings=doc.get("settings") or {})
+    return store, Manifest(url=url, splits=splits, settings=doc.get("settings") or {},
+                           sha256=hashlib.sha256(raw).hexdigest())

@@ -120,6 +120,7 @@ class DataState:
         self.spec, self.units_fp = spec, units_fp
         self.streams = {int(k): dict(v) for k, v in spec.start.items()}
         self.next_worker = spec.first_worker
+        self.manifest_sha256 = ""  # set by build_train_loader; provenance, not stream position
 
     def update(self, meta: dict) -> None:
         sid = meta["stream"]

@@ -33,18 +33,12 @@ def model_config(cfg: Config):
     return mc
 
 
-def _cast_images_to_weights(module, args):
-    # The encoder normalises uint8 images to float32; under bf16 weights the patch projection
-    # needs its input in the weights' dtype (the forward pass is otherwise dtype-agnostic).
-    return (args[0].to(module.proj.weight.dtype),) + tuple(args[1:])
-
-
 def build_model(cfg: Config):
+    # bf16 weights need no input hook: VisionEncoder.forward_tokens casts the normalised images
+    # to the patch projection's dtype itself.
     from lapvqa.pretrain.model import CaptioningModel
     mc = model_config(cfg)
-    model = CaptioningModel(mc)
-    model.vision_encoder.patch_embed.register_forward_pre_hook(_cast_images_to_weights)
-    return mc, model
+    return mc, CaptioningModel(mc)
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> None:
@@ -56,9 +50,23 @@ def resolve_precision(cfg: Config, device: torch.device) -> None:
                      "bf16 ZeRO-2, but CPUs without native bf16 matmul run it ~2x slower)")
 
 
+def maybe_compile(cfg: Config, model, device: torch.device) -> None:
+    """train.compile: regional torch.compile of every block (CaptioningModel.compile_blocks), in
+    place and before deepspeed.initialize, so parameter names and checkpoints are unchanged.
+    CUDA only: Inductor's CPU backend compiles for minutes and buys nothing for CPU smoke runs."""
+    if not cfg.train.compile:
+        return
+    if device.type != "cuda":
+        log.info("train.compile=true ignored on %s (regional compile is used on CUDA only)", device.type)
+        return
+    log.info("train.compile: torch.compile of each encoder/decoder block (first steps compile)")
+    model.compile_blocks()
+
+
 def build_engine(cfg: Config, model, info):
     import deepspeed
     resolve_precision(cfg, info.device)
+    maybe_compile(cfg, model, info.device)
     ds = deepspeed_config(cfg, info.world_size, info.device)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds,

@@ -74,6 +74,7 @@ class Trainer:
         self.loader, self.data_state = build_train_loader(
             cfg, self.model_config.image_size, info.rank, info.world_size, saved,
             pin_memory=info.device.type == "cuda")
+        self._check_manifest(client)
         self._flops = self._flops_fn()
         self.throughput = Throughput(self._flops, peak_flops(cfg.run.peak_tflops, info.device), info.world_size)
         if info.is_main:
@@ -112,6 +113,16 @@ class Trainer:
         self.last_val_step = int(client.get("last_val_step", -1))
         log.info("resumed from %s (step %d)", tag, self.step)
         return client
+
+    def _check_manifest(self, client: Optional[dict]) -> None:
+        # The shard set itself is checked by the data stream (a change is refused); a manifest that
+        # differs otherwise (e.g. re-written with other settings or rejects) is worth a warning,
+        # since checkpoints and the release card record the hash.
+        before = (client or {}).get("manifest_sha256")
+        if before and before != self.data_state.manifest_sha256 and self.info.is_main:
+            log.warning("manifest.json changed since the checkpoint (sha256 %s... -> %s...); the same "
+                        "train shards, so resuming; checkpoints from now on record the new hash",
+                        before[:12], self.data_state.manifest_sha256[:12])
 
     def _restore_rng(self, client: dict) -> None:
         states = client.get("rng") or []
@@ -272,8 +283,10 @@ class Trainer:
                   "data_state": {"world_size": self.info.world_size,
                                  "ranks": all_gather_object(self.data_state.state_dict())},
                   "rng": all_gather_object(rng), "nonfinite_total": self.nonfinite_total,
-                  "last_val_step": self.last_val_step, "lapvqa_version": __version__}
+                  "last_val_step": self.last_val_step, "lapvqa_version": __version__,
+                  "manifest_sha256": self.data_state.manifest_sha256}
         marker = {"val_loss": val_loss, "precision": self.engine_precision, "lapvqa_version": __version__,
+                  "manifest_sha256": self.data_state.manifest_sha256,
                   "model_config": json.loads(json.dumps(client["model_config"]))}
         tag = self.ckpt.save(self.engine, self.step, client, marker, self.cfg.checkpoint.keep_last)
         self.saved_step = self.step
