@@ -34,7 +34,7 @@ TARGET, BASELINE_MAX = 0.9, 0.6
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "demo_out"
-    studies: int = 600
+    studies: int = 1500
     seed: int = 0
     ranks: int = 2  # DeepSpeed processes (CPU ranks without a GPU)
     config: str = str(ROOT / "configs" / "demo.yaml")
@@ -44,10 +44,13 @@ class DemoConfig:
     max_new_tokens: int | None = None  # None: generate's default (the shards' max_tokens + 1)
     train_overrides: tuple[str, ...] = ()  # extra --a.b=v for launch/train.py
     lateral_rate: float = 0.25  # laterals are synthesised (and skipped by --views frontal)
-    # Reports with only an IMPRESSION are shorter: training cost grows with report tokens.
-    impression_only_rate: float = 0.5
-    odd_layout_rate: float = 0.02
-    split: tuple[float, float, float] = (0.75, 0.05, 0.2)  # a test split big enough to measure
+    # What a tiny model can learn in minutes on 2 CPU cores: one fixed sentence per finding
+    # state (--variety low) in IMPRESSION-only reports (training cost grows with report tokens).
+    variety: str = "low"
+    impression_only_rate: float = 1.0
+    odd_layout_rate: float = 0.0
+    image_size: tuple[int, int] = (384, 512)  # longer side, px: the model sees 64 px anyway
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)  # val picks model_best; test measures
 
     @property
     def paths(self) -> "Paths":
@@ -76,13 +79,15 @@ class StageError(RuntimeError):
 def stage_synth(cfg: DemoConfig, p: Paths) -> None:
     settings = {"studies": cfg.studies, "seed": cfg.seed, "lateral_rate": cfg.lateral_rate,
                 "split": list(cfg.split), "impression_only_rate": cfg.impression_only_rate,
-                "odd_layout_rate": cfg.odd_layout_rate}
+                "odd_layout_rate": cfg.odd_layout_rate, "variety": cfg.variety,
+                "image_size": list(cfg.image_size)}
     if _stamp_matches(p.data, settings):
         return _skip("synth", p.data)
     args = ["--out", str(p.data), "--studies", str(cfg.studies), "--seed", str(cfg.seed),
             "--lateral-rate", str(cfg.lateral_rate), "--split", ",".join(map(str, cfg.split)),
             "--impression-only-rate", str(cfg.impression_only_rate),
-            "--odd-layout-rate", str(cfg.odd_layout_rate), "--force"]
+            "--odd-layout-rate", str(cfg.odd_layout_rate), "--variety", cfg.variety,
+            "--min-size", str(cfg.image_size[0]), "--max-size", str(cfg.image_size[1]), "--force"]
     _run("synth", [sys.executable, "-m", "lapvqa.synth", *args], p)
     for stale in (p.shards, p.run, p.release):  # everything downstream is now out of date
         _remove_owned(stale)
@@ -104,26 +109,29 @@ def stage_train(cfg: DemoConfig, p: Paths) -> None:
     if cfg.steps is not None:
         every = max(1, cfg.steps // 3)  # three validation points for the loss plot
         overrides += [f"--train.max_steps={cfg.steps}", f"--checkpoint.every_steps={every}",
-                      f"--validate.every_steps={every}", f"--train.warmup_steps={min(20, cfg.steps)}"]
+                      f"--validate.every_steps={every}",
+                      f"--train.warmup_steps={min(20, cfg.steps)}"]
     overrides += list(cfg.train_overrides)
     if cfg.launcher == "python":
         cmd = [sys.executable, str(script)]
     else:
-        cmd = [_deepspeed(), "--num_gpus", str(cfg.ranks), "--master_port", str(_free_port()), str(script)]
+        cmd = [_deepspeed(), "--num_gpus", str(cfg.ranks), "--master_port", str(_free_port()),
+               str(script)]
     _run("train", cmd + ["--config", cfg.config, *overrides], p, env=_thread_env(cfg.ranks))
 
 
 def stage_consolidate(cfg: DemoConfig, p: Paths) -> None:
-    _remove_owned(p.release)  # consolidate refuses a non-empty --out: it never overwrites a release
-    _run("consolidate", [sys.executable, "-m", "lapvqa.consolidate", str(p.run), "--out", str(p.release)], p)
+    _remove_owned(p.release)  # consolidate refuses a non-empty --out: it never overwrites one
+    _run("consolidate", [sys.executable, "-m", "lapvqa.consolidate", str(p.run),
+                         "--out", str(p.release)], p)
 
 
 def stage_generate(cfg: DemoConfig, p: Paths) -> Path:
     out = p.root / "generated_test.jsonl"
+    cap = ["--max-new-tokens", str(cfg.max_new_tokens)] if cfg.max_new_tokens else []
     _run("generate", [sys.executable, "-m", "lapvqa.generate", "--release", str(p.release),
                       "--shards", str(p.shards), "--split", "test", "--out", str(out),
-                      "--metrics", str(p.root / "generated_test_metrics.json"),
-                      *(["--max-new-tokens", str(cfg.max_new_tokens)] if cfg.max_new_tokens else [])], p)
+                      "--metrics", str(p.root / "generated_test_metrics.json"), *cap], p)
     return out
 
 
@@ -141,7 +149,8 @@ def stage_evaluate(cfg: DemoConfig, p: Paths, generated: Path) -> list:
 
 
 def stage_figures(cfg: DemoConfig, p: Paths, generated: Path) -> None:
-    _run("plot", [sys.executable, "-m", "lapvqa.plot", str(p.run), "--out", str(p.root / "loss_curves.png")], p)
+    _run("plot", [sys.executable, "-m", "lapvqa.plot", str(p.run),
+                  "--out", str(p.root / "loss_curves.png")], p)
     from lapvqa.synth import read_truth
     from lapvqa.synth.figures import report_grid
 
@@ -163,19 +172,24 @@ def _run(stage: str, cmd: list[str], p: Paths, env: dict | None = None) -> None:
                              env={**os.environ, **(env or {}), "PYTHONPATH": _pythonpath()})
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        raise StageError(f"stage {stage} failed (exit {rc}); command and full output in {log}:\n{tail}")
-    print(f"{'':>11}   done in {time.perf_counter() - t0:.0f} s (log: {_short(str(log))})", flush=True)
+        raise StageError(f"stage {stage} failed (exit {rc}); command and full output in "
+                         f"{log}:\n{tail}")
+    seconds = time.perf_counter() - t0
+    print(f"{'':>11}   done in {seconds:.0f} s (log: {_short(str(log))})", flush=True)
 
 
 def _short(path: str) -> str:
+    """``path`` relative to the working directory when that is shorter (for readable logs)."""
     try:
-        return os.path.relpath(path) if os.path.isabs(path) and len(os.path.relpath(path)) < len(path) else path
-    except ValueError:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive
         return path
+    return rel if os.path.isabs(path) and len(rel) < len(path) else path
 
 
 def _skip(stage: str, where: Path) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {stage:<11} up to date in {_short(str(where))}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {stage:<11} up to date in {_short(str(where))}",
+          flush=True)
 
 
 def _pythonpath() -> str:
@@ -194,7 +208,8 @@ def _deepspeed() -> str:
     beside = Path(sys.executable).with_name("deepspeed")
     found = str(beside) if beside.exists() else shutil.which("deepspeed")
     if not found:
-        raise StageError("the 'deepspeed' launcher is not installed (pip install deepspeed, or make setup)")
+        raise StageError("the 'deepspeed' launcher is not installed "
+                         "(make setup, or pip install deepspeed)")
     return found
 
 
@@ -215,7 +230,9 @@ def _write_stamp(folder: Path, settings: dict) -> None:
 
 
 def _remove_owned(folder: Path) -> None:
-    """Delete a demo output folder -- only one inside the demo's own --out."""
+    """Delete one of the demo's own output folders (a direct child of an --out it marked)."""
+    if not (folder.parent / MARKER).exists():
+        raise StageError(f"refusing to delete {folder}: not inside a demo --out")
     if folder.exists():
         shutil.rmtree(folder)
 
@@ -236,7 +253,8 @@ OUTPUTS = ("data", "shards", "run", "release", "logs", "generated_test.jsonl",
 def prepare_out(cfg: DemoConfig) -> Paths:
     p = cfg.paths
     if p.root.exists() and any(p.root.iterdir()) and not (p.root / MARKER).exists():
-        raise StageError(f"{p.root} is not empty and was not made by the demo; choose another --out")
+        raise StageError(f"{p.root} is not empty and was not made by the demo; "
+                         "choose another --out")
     if cfg.fresh:
         for name in OUTPUTS:  # only the demo's own outputs, never anything else in --out
             target = p.root / name
@@ -288,13 +306,17 @@ def summary(result: dict) -> str:
         "",
         format_table(scores, TARGET, BASELINE_MAX),
         "",
-        f"target met for {met} of {len(scores)} findings; whole demo {result['seconds'] / 60:.1f} min",
+        f"target met for {met} of {len(scores)} findings; "
+        f"whole demo {result['seconds'] / 60:.1f} min",
         "",
         "Where everything went:",
-        f"  synthetic MIMIC-CXR-JPG tree  {rel(str(p.data))}/  (files/, mimic-cxr-2.0.0-*.csv.gz, synth-truth.jsonl)",
+        f"  synthetic MIMIC-CXR-JPG tree  {rel(str(p.data))}/  "
+        "(files/, mimic-cxr-2.0.0-*.csv.gz, synth-truth.jsonl)",
         f"  shards + manifest             {rel(str(p.shards))}/",
-        f"  training run                  {rel(str(p.run))}/  (config.yaml, metrics.jsonl, tb/, checkpoints/)",
-        f"  released model                {rel(str(p.release))}/  (model_best.pt, encoder_final.pt, config.json)",
+        f"  training run                  {rel(str(p.run))}/  "
+        "(config.yaml, metrics.jsonl, tb/, checkpoints/)",
+        f"  released model                {rel(str(p.release))}/  "
+        "(model_best.pt, encoder_final.pt, config.json)",
         f"  generated test reports        {rel(str(p.root / 'generated_test.jsonl'))}",
         f"  agreement table               {rel(str(p.root / 'agreement.txt'))} (+ .json)",
         f"  loss curves                   {rel(str(p.root / 'loss_curves.png'))}",
@@ -310,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=d.out, help="everything goes here")
     p.add_argument("--studies", type=int, default=d.studies, help="synthetic studies")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--ranks", type=int, default=d.ranks, help="DeepSpeed ranks (CPU processes without a GPU)")
+    p.add_argument("--ranks", type=int, default=d.ranks,
+                   help="DeepSpeed ranks (CPU processes without a GPU)")
     p.add_argument("--config", default=d.config, help="training config")
     p.add_argument("--steps", type=int, default=None, help="override train.max_steps")
     p.add_argument("--launcher", choices=("deepspeed", "python"), default=d.launcher,
@@ -318,17 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="redo every stage")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation length cap")
     p.add_argument("--train-override", action="append", default=[], metavar="--a.b=v",
-                   help="extra launch/train.py override (repeatable), e.g. --train-override=--train.lr=1e-3")
+                   help="extra launch/train.py override (repeatable), "
+                        "e.g. --train-override=--train.lr=1e-3")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.studies < 10:
-        print("lapvqa.demo: error: --studies must be at least 10 (every split needs a patient)", file=sys.stderr)
+        print("lapvqa.demo: error: --studies must be at least 10 (every split needs a patient)",
+              file=sys.stderr)
         return 2
     cfg = DemoConfig(out=a.out, studies=a.studies, seed=a.seed, ranks=a.ranks, config=a.config,
-                     steps=a.steps, launcher=a.launcher, fresh=a.fresh, max_new_tokens=a.max_new_tokens,
+                     steps=a.steps, launcher=a.launcher, fresh=a.fresh,
+                     max_new_tokens=a.max_new_tokens,
                      train_overrides=tuple(a.train_override))
     try:
         result = run_demo(cfg)

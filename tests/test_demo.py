@@ -20,11 +20,13 @@ def _truth(rows: list[tuple[int, str, dict]]) -> dict[int, dict]:
 
 def test_agreement_scores_against_image_truth_and_train_majority():
     truth = _truth([(1, "train", {"effusion": 1}), (2, "train", {"effusion": 1}), (3, "train", {}),
-                    (10, "test", {"effusion": 1, "devices": 1}), (11, "test", {}), (12, "test", {})])
+                    (10, "test", {"effusion": 1, "devices": 1}), (11, "test", {}),
+                    (12, "test", {})])
     majority = majority_classes(truth)
     assert majority["effusion"] and not majority["devices"]
     rows = [
-        {"study_id": 10, "generated": "Small left pleural effusion. No pneumothorax.", "reference": "x"},
+        {"study_id": 10, "generated": "Small left pleural effusion. No pneumothorax.",
+         "reference": "x"},
         {"study_id": 11, "generated": "No pleural effusion. ET tube in place.", "reference": "x"},
         {"study_id": 12, "generated": "", "reference": None},
         {"study_id": 99, "generated": "not a synthetic study"},
@@ -34,7 +36,8 @@ def test_agreement_scores_against_image_truth_and_train_majority():
     assert eff.n == 3 and eff.agreement == 1.0 and eff.baseline == pytest.approx(1 / 3)
     assert eff.sensitivity == 1.0 and eff.specificity == 1.0
     assert dev.agreement == pytest.approx(1 / 3)  # missed the tube in 10, invented one in 11
-    assert dev.sensitivity == 0.0 and dev.specificity == 0.5 and dev.baseline == pytest.approx(2 / 3)
+    assert dev.sensitivity == 0.0 and dev.specificity == 0.5
+    assert dev.baseline == pytest.approx(2 / 3)
     table = format_table(list(by_key.values()))
     assert "Pleural effusion" in table and "NOT met" in table
     with pytest.raises(ValueError):
@@ -54,7 +57,8 @@ def test_out_folder_safety(tmp_path):
     (p.root / "notes.txt").write_text("user file next to the demo's outputs")
     demo.prepare_out(demo.DemoConfig(out=str(mine), fresh=True))
     assert not (p.root / "run").exists() and (p.root / "notes.txt").exists()
-    assert demo.main(["--out", str(tmp_path / "x"), "--config", str(tmp_path / "missing.yaml")]) == 2
+    missing = str(tmp_path / "missing.yaml")
+    assert demo.main(["--out", str(tmp_path / "x"), "--config", missing]) == 2
 
 
 @pytest.mark.timeout(240)
@@ -75,7 +79,8 @@ def test_demo_pipeline_end_to_end_in_miniature(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "generated_test.jsonl").read_text().splitlines()]
     assert len(rows) == manifest["splits"]["test"]["samples"] > 0
     scores = json.loads((out / "agreement.json").read_text())
-    assert [s["key"] for s in scores] == list(FINDING_KEYS) and all(s["n"] == len(rows) for s in scores)
+    assert [s["key"] for s in scores] == list(FINDING_KEYS)
+    assert all(s["n"] == len(rows) for s in scores)
     assert all(s["reference_agreement"] == 1.0 for s in scores)  # the labeler reads the truth back
     for png in ("loss_curves.png", "test_reports.png"):
         with Image.open(out / png) as im:

@@ -23,9 +23,10 @@ from lapvqa.synth.render import render
 pytestmark = pytest.mark.timeout(120)
 
 DICOM_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
-METADATA = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
-            "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
-            "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
+METADATA = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription",
+            "ViewPosition", "Rows", "Columns", "StudyDate", "StudyTime",
+            "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
+            "PatientOrientationCodeSequence_CodeMeaning"]
 CHEXPERT = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
             "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion",
             "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices"]
@@ -70,12 +71,15 @@ def test_tree_and_csvs_have_mimic_layout(tree):
     assert {"PA", "AP", "LATERAL"} <= {r["ViewPosition"] for r in meta}
     for r in meta:
         s = r["subject_id"]
-        assert DICOM_ID.match(r["dicom_id"]) and re.fullmatch(r"1\d{7}", s) and re.fullmatch(r"5\d{7}", r["study_id"])
-        path = os.path.join(tree, "files", f"p{s[:2]}", f"p{s}", f"s{r['study_id']}", r["dicom_id"] + ".jpg")
+        assert DICOM_ID.match(r["dicom_id"])
+        assert re.fullmatch(r"1\d{7}", s) and re.fullmatch(r"5\d{7}", r["study_id"])
+        path = os.path.join(tree, "files", f"p{s[:2]}", f"p{s}", f"s{r['study_id']}",
+                            r["dicom_id"] + ".jpg")
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(open(path, "rb").read())
         assert (height, width, colorspace) == (int(r["Rows"]), int(r["Columns"]), "Gray")
         assert 160 <= max(height, width) <= 240
-        assert re.fullmatch(r"2[12]\d{6}", r["StudyDate"]) and re.fullmatch(r"\d{1,6}\.\d{3}", r["StudyTime"])
+        assert re.fullmatch(r"2[12]\d{6}", r["StudyDate"])
+        assert re.fullmatch(r"\d{1,6}\.\d{3}", r["StudyTime"])
     for r in labels:
         assert all(r[c] in ("1.0", "0.0", "-1.0", "") for c in CHEXPERT)
     # The split is by patient and every split is populated.
@@ -99,7 +103,8 @@ def test_reports_tree_and_zip_agree_and_look_like_mimic(tree):
         assert zipped[rel] == text
         assert " " * 33 + "FINAL REPORT\n" in text
         lines = text.splitlines()
-        assert all(line.startswith(" ") and len(line) <= 80 for line in lines if "FINAL REPORT" not in line)
+        body = [line for line in lines if "FINAL REPORT" not in line]
+        assert all(line.startswith(" ") and len(line) <= 80 for line in body)
         layouts.add(("FINDINGS:" in text, "IMPRESSION:" in text))
     assert layouts >= {(True, True), (False, True)}  # some reports have no FINDINGS section
     assert any("___" in t for t in zipped.values())
@@ -120,7 +125,8 @@ def test_labels_truth_and_report_text_agree(tree):
             assert rec["truth"][key] == int(expected in (1, -1)) or expected is None
         pathology = [k for k in FINDING_KEYS if k != "devices" and read[k] in (1, -1)]
         assert r["No Finding"] == ("" if pathology else "1.0")
-        assert r["Lung Opacity"] == ("" if read["consolidation"] not in (1, -1) else r["Consolidation"])
+        opacity = r["Consolidation"] if read["consolidation"] in (1, -1) else ""
+        assert r["Lung Opacity"] == opacity
 
 
 def test_same_seed_same_bytes_whatever_the_workers(tree, tmp_path):
@@ -142,7 +148,8 @@ def test_refuses_to_overwrite_without_force_and_force_replaces(tree, tmp_path, c
     assert os.listdir(os.path.join(out, "files")) == []
     os.rmdir(os.path.join(out, "files"))
     assert synth_main(["--out", out, "--studies", "3", "--min-size", "96", "--max-size", "96"]) == 0
-    assert synth_main(["--out", out, "--studies", "1", "--min-size", "96", "--max-size", "96", "--force"]) == 0
+    assert synth_main(["--out", out, "--studies", "1", "--min-size", "96", "--max-size", "96",
+                       "--force"]) == 0
     assert len(read_truth(out)) == 1 and open(os.path.join(out, "keep.txt")).read() == "user data"
     assert synth_main(["--out", str(tmp_path / "x"), "--findings", "edema"]) == 2
 
@@ -184,10 +191,13 @@ def test_every_template_round_trips_through_the_labeler():
 @pytest.mark.parametrize("text, expected", [
     ("No change in the small left pleural effusion.", {"effusion": 1}),
     ("Small right effusion but no pneumothorax.", {"effusion": 1, "pneumothorax": 0}),
-    ("There is a small left pleural effusion without pneumothorax.", {"effusion": 1, "pneumothorax": 0}),
-    ("The heart is normal in size. ET tube ends 4 cm above the carina.", {"cardiomegaly": 0, "devices": 1}),
+    ("There is a small left pleural effusion without pneumothorax.",
+     {"effusion": 1, "pneumothorax": 0}),
+    ("The heart is normal in size. ET tube ends 4 cm above the carina.",
+     {"cardiomegaly": 0, "devices": 1}),
     ("findings : no pneumothorax . mild cardiomegaly .", {"pneumothorax": 0, "cardiomegaly": 1}),
-    ("INDICATION:  eval for pneumothorax\n \n IMPRESSION: \n \n No pneumothorax.", {"pneumothorax": 0}),
+    ("INDICATION:  eval for pneumothorax\n \n IMPRESSION: \n \n No pneumothorax.",
+     {"pneumothorax": 0}),
     ("Pneumothorax cannot be excluded.", {"pneumothorax": -1}),
     ("", {}),
 ])
@@ -196,7 +206,7 @@ def test_labeler_on_free_text(text, expected):
     assert {k: v for k, v in got.items() if v is not None} == expected
 
 
-# ---- the pictures ---------------------------------------------------------------------------------
+# ---- the pictures ---------------------------------------------------------------------------
 def _toggled(study, key: str, side: str):
     devices = ("ett", "cvc") if key == "devices" else ()
     findings = {**study.findings, key: FindingState(True, 1, side, 1, devices)}
@@ -232,7 +242,8 @@ def test_each_finding_changes_its_own_region_in_the_expected_direction():
 
 
 def test_lateral_views_show_the_findings_too():
-    cfg = SynthConfig(out="", studies=6, seed=9, prevalence=0.0, lateral_rate=1.0, min_size=200, max_size=240)
+    cfg = SynthConfig(out="", studies=6, seed=9, prevalence=0.0, lateral_rate=1.0, min_size=200,
+                      max_size=240)
     for study in build_cohort(cfg):
         lateral = [im for im in study.images if im.view in ("LATERAL", "LL")][0]
         base = render(study, lateral).astype(np.float32)
@@ -255,7 +266,29 @@ def test_synthetic_tree_is_accepted_unchanged_by_the_sharder(tree, tmp_path):
 
 
 def test_findings_flag_and_prevalence_are_honoured():
-    cohort = build_cohort(SynthConfig(out="", studies=400, seed=1, findings=("effusion", "devices")))
+    cfg = SynthConfig(out="", studies=400, seed=1, findings=("effusion", "devices"))
+    cohort = build_cohort(cfg)
     rates = {k: np.mean([s.findings[k].present for s in cohort]) for k in FINDING_KEYS}
     assert rates["cardiomegaly"] == rates["pneumothorax"] == rates["consolidation"] == 0
     assert 0.38 < rates["effusion"] < 0.52 and 0.38 < rates["devices"] < 0.52
+
+
+def test_low_variety_reports_state_the_same_facts_in_fixed_sentences():
+    from lapvqa.synth.reports import PLAIN_ORDER, plain_statements, write_report
+
+    cohort = build_cohort(SynthConfig(out="", studies=300, seed=2))
+    plain, varied = set(), set()
+    for study in cohort:
+        text = write_report(study, odd_rate=0.5, impression_only_rate=0.0, variety="low")
+        assert label_report(text) == {k: s.statement for k, s in study.findings.items()}
+        statements = plain_statements(study.findings)
+        mentioned = [k for k in PLAIN_ORDER if study.findings[k].statement is not None]
+        # one sentence group per mentioned finding, in the fixed order
+        said = [next(k for k, v in label_report(s).items() if v is not None) for s in statements]
+        assert said == mentioned
+        plain.update(statements)
+        varied.update(s for s in text.split("\n") if s)
+        full = write_report(study, odd_rate=0.0, impression_only_rate=0.0)
+        findings = full.split("FINDINGS:")[1].split("IMPRESSION:")[0]
+        varied.update(x.strip() for x in findings.split("."))
+    assert len(plain) < len(varied) / 3  # far fewer distinct sentences than the realistic mix

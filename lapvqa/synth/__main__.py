@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impression-only-rate", type=float, default=_D.impression_only_rate)
     p.add_argument("--odd-layout-rate", type=float, default=_D.odd_layout_rate,
                    help="old-style, free-text and wet-read reports")
+    p.add_argument("--variety", choices=("full", "low"), default=_D.variety,
+                   help="report wording: the realistic mix, or one fixed sentence per finding "
+                        "state (what a tiny model learns in minutes on a CPU)")
     p.add_argument("--split", default=",".join(str(x) for x in _D.split),
                    help="train,validate,test fractions (whole patients)")
     p.add_argument("--reports", choices=("tree", "zip", "both"), default=_D.reports,
@@ -61,8 +64,8 @@ def config_from_args(a: argparse.Namespace) -> SynthConfig:
         prevalence=a.prevalence, min_size=lo, max_size=hi, lateral_rate=a.lateral_rate,
         ap_rate=a.ap_rate, uncertain_rate=a.uncertain_rate, omit_negative_rate=a.omit_negative_rate,
         impression_only_rate=a.impression_only_rate, odd_layout_rate=a.odd_layout_rate,
-        split=split, reports=a.reports, jpeg_quality=a.jpeg_quality, workers=a.workers,
-        force=a.force)
+        variety=a.variety, split=split, reports=a.reports, jpeg_quality=a.jpeg_quality,
+        workers=a.workers, force=a.force)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ class SynthConfig:
     omit_negative_rate: float = 0.1  # absent findings the report never mentions (CheXpert blank)
     impression_only_rate: float = 0.1  # reports with no FINDINGS section
     odd_layout_rate: float = 0.06  # old-style / free-text / wet-read reports
+    variety: str = "full"  # report wording: full (realistic mix) | low (fixed sentences: demo)
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/validate/test by patient
     reports: str = "tree"  # tree | zip | both
     jpeg_quality: int = 92
@@ -53,6 +54,8 @@ class SynthConfig:
             raise ValueError("need 64 <= --min-size <= --max-size")
         if len(self.split) != 3 or min(self.split) < 0 or sum(self.split) <= 0:
             raise ValueError("--split needs three non-negative fractions, e.g. 0.8,0.1,0.1")
+        if self.variety not in ("full", "low"):
+            raise ValueError("--variety must be full or low")
         if self.reports not in ("tree", "zip", "both"):
             raise ValueError("--reports must be tree, zip or both")
 

@@ -32,7 +32,8 @@ def majority_classes(truth: dict[int, dict], split: str = "train") -> dict[str, 
     return {k: 2 * sum(r["truth"][k] for r in records) > len(records) for k in FINDING_KEYS}
 
 
-def score(rows: list[dict], truth: dict[int, dict], majority: dict[str, bool]) -> list[FindingScore]:
+def score(rows: list[dict], truth: dict[int, dict],
+          majority: dict[str, bool]) -> list[FindingScore]:
     """``rows``: generate's JSONL rows (``study_id``, ``generated``, optional ``reference``)."""
     rows = [r for r in rows if r.get("study_id") in truth]
     if not rows:
@@ -73,7 +74,8 @@ def format_table(scores: list[FindingScore], target: float = 0.9, baseline_max: 
     lines = [head, "-" * len(head)]
     for s in scores:
         met = s.agreement >= target and s.baseline <= baseline_max
-        lines.append(f"{BY_KEY[s.key].title:<18}{s.n:>5}{_pct(s.prevalence):>7}{_pct(s.agreement):>8}"
-                     f"{_pct(s.baseline):>7}{_pct(s.sensitivity):>7}{_pct(s.specificity):>7}"
+        lines.append(f"{BY_KEY[s.key].title:<18}{s.n:>5}{_pct(s.prevalence):>7}"
+                     f"{_pct(s.agreement):>8}{_pct(s.baseline):>7}"
+                     f"{_pct(s.sensitivity):>7}{_pct(s.specificity):>7}"
                      f"{_pct(s.reference_agreement):>6}  {'met' if met else 'NOT met'}")
     return "\n".join(lines)

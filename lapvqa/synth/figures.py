@@ -17,7 +17,8 @@ _SHORT = {"cardiomegaly": "cardiomeg.", "effusion": "effusion", "pneumothorax": 
 
 def _image(root: str, rec: dict, dicom_id: str, size: int = 320) -> np.ndarray:
     s = str(rec["subject_id"])
-    path = os.path.join(root, "files", f"p{s[:2]}", f"p{s}", f"s{rec['study_id']}", f"{dicom_id}.jpg")
+    path = os.path.join(root, "files", f"p{s[:2]}", f"p{s}", f"s{rec['study_id']}",
+                        f"{dicom_id}.jpg")
     img = Image.open(path).convert("L")
     img.thumbnail((size, size))
     return np.asarray(img)

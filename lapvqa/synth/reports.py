@@ -21,15 +21,24 @@ _LUNG = ("consolidation", "effusion", "pneumothorax")
 _ADVERB = {"mild": "mildly", "moderate": "moderately", "severe": "markedly"}
 
 
-def write_report(study: StudySpec, odd_rate: float = 0.06,
-                 impression_only_rate: float = 0.1) -> str:
-    """The study's report; ``odd_rate`` of them old-style/free text, some with no FINDINGS."""
+def write_report(study: StudySpec, odd_rate: float = 0.06, impression_only_rate: float = 0.1,
+                 variety: str = "full") -> str:
+    """The study's report; ``odd_rate`` of them old-style/free text, some with no FINDINGS.
+
+    ``variety="low"``: one fixed sentence per finding state in a fixed order and no filler
+    sentences -- the same facts in far fewer distinct words, which a tiny model trained for
+    minutes on a CPU can learn (the demo); "full" is the realistic mix.
+    """
     rng = np.random.default_rng(study.report_seed)
-    statements = finding_statements(rng, study.findings)
+    if variety == "low":
+        statements = plain_statements(study.findings)
+        odd_rate = 0.0
+    else:
+        statements = finding_statements(rng, study.findings)
     layout = _layout(rng, odd_rate, impression_only_rate)
     writers = {"modern": _modern, "impression_only": _impression_only, "old": _old_style,
                "free": _free_text}
-    body = writers[layout](rng, study, statements)
+    body = writers[layout](rng, study, statements, variety == "low")
     if rng.random() < odd_rate / 2:
         body = _wet_read(rng, study) + body
     return body
@@ -69,6 +78,28 @@ def finding_statements(rng, findings: dict[str, FindingState]) -> list[str]:
         out.insert(int(rng.integers(0, len(out) + 1)), heart)
     if findings["consolidation"].pneumonia:
         out.append(str(rng.choice(P.PNEUMONIA_HEDGE)).strip())
+    return out
+
+
+PLAIN_ORDER = ("devices", "consolidation", "effusion", "pneumothorax", "cardiomegaly")
+
+
+def plain_statements(findings: dict[str, FindingState]) -> list[str]:
+    """Each mentioned finding's first template, in ``PLAIN_ORDER``."""
+    out = []
+    for key in PLAIN_ORDER:
+        state = findings[key]
+        if state.statement is None:
+            continue
+        if key == "devices" and state.statement == 1:
+            out.append(". ".join(P.DEVICE_SENTENCES[k][0] for k in state.devices) + ".")
+        elif state.statement == 0:
+            out.append(P.NEGATIVE[key][0])
+        else:
+            bilateral = key == "effusion" and state.side == "bilateral"
+            table = (P.UNCERTAIN[key] if state.statement == -1
+                     else P.POSITIVE_BILATERAL_EFFUSION if bilateral else P.POSITIVE[key])
+            out.append(_fill(table[0], key, state))
     return out
 
 
@@ -135,25 +166,26 @@ def _header(rng, study: StudySpec) -> list[str]:
     ]
 
 
-def _modern(rng, study: StudySpec, statements: list[str]) -> str:
-    findings = statements + _fillers(rng)
+def _modern(rng, study: StudySpec, statements: list[str], plain: bool) -> str:
+    findings = statements + ([] if plain else _fillers(rng))
     impression = impression_lines(rng, study.findings)
+    numbered = rng.random() < 0.2 and not plain
     return _join([BANNER] + _header(rng, study) + _section("FINDINGS", findings)
-                 + _section("IMPRESSION", impression, numbered=rng.random() < 0.2))
+                 + _section("IMPRESSION", impression, numbered=numbered))
 
 
-def _impression_only(rng, study: StudySpec, statements: list[str]) -> str:
+def _impression_only(rng, study: StudySpec, statements: list[str], plain: bool) -> str:
     return _join([BANNER] + _header(rng, study) + _section("IMPRESSION", statements))
 
 
-def _old_style(rng, study: StudySpec, statements: list[str]) -> str:
+def _old_style(rng, study: StudySpec, statements: list[str], plain: bool) -> str:
     view = "PA AND LATERAL CHEST" if study.frontal == "PA" else "PORTABLE AP CHEST"
     lines = [BANNER, f" {view} ___", " ", _field("REASON FOR EXAM", str(rng.choice(P.INDICATIONS)))]
     return _join(lines + _section("FINDINGS", statements + _fillers(rng))
                  + _section("IMPRESSION", impression_lines(rng, study.findings)))
 
 
-def _free_text(rng, study: StudySpec, statements: list[str]) -> str:
+def _free_text(rng, study: StudySpec, statements: list[str], plain: bool) -> str:
     lines = [BANNER, " CHEST RADIOGRAPH PERFORMED ON ___", " ",
              _field("COMPARISON", str(rng.choice(P.COMPARISON))), " ",
              _field("CLINICAL HISTORY", str(rng.choice(P.INDICATIONS)))]

@@ -126,8 +126,8 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def _write_reports(cfg: SynthConfig, studies: list[StudySpec]) -> None:
-    texts = {st.study_id: write_report(st, cfg.odd_layout_rate, cfg.impression_only_rate)
-             for st in studies}
+    texts = {st.study_id: write_report(st, cfg.odd_layout_rate, cfg.impression_only_rate,
+                                       cfg.variety) for st in studies}
     if cfg.reports in ("tree", "both"):
         for st in studies:
             path = study_dir(cfg.out, st.subject_id, st.study_id) + ".txt"
