@@ -85,7 +85,20 @@ def test_demo_pipeline_end_to_end_in_miniature(tmp_path, capsys):
     for png in ("loss_curves.png", "test_reports.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and min(im.size) > 200
-    # A re-run reuses the synthetic set (same settings) and the finished training run.
-    assert demo.main(argv) == 0
-    assert "synth       up to date" in capsys.readouterr().out
-    assert os.path.exists(out / "run" / "demo-stamp.json")
+
+
+@pytest.mark.timeout(120)
+def test_rerun_keeps_an_unchanged_synthetic_set_and_rebuilds_a_changed_one(tmp_path, capsys):
+    cfg = demo.DemoConfig(out=str(tmp_path / "demo"), studies=10, image_size=(96, 128))
+    p = demo.prepare_out(cfg)
+    demo.stage_synth(cfg, p)
+    truth = p.data / "synth-truth.jsonl"
+    first = truth.stat().st_mtime_ns
+    (p.root / "run").mkdir()  # stands for a finished training run on that set
+    demo.stage_synth(cfg, p)
+    assert "up to date" in capsys.readouterr().out and truth.stat().st_mtime_ns == first
+    assert (p.root / "run").exists()
+    changed = demo.DemoConfig(out=cfg.out, studies=11, image_size=(96, 128))
+    demo.stage_synth(changed, demo.prepare_out(changed))
+    assert len(truth.read_text().splitlines()) == 11
+    assert not (p.root / "run").exists()  # trained on the old set: removed, retrained next time
