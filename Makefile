@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean-demo
+.PHONY: setup test demo clean-demo
 
 setup: $(STAMP)
 
