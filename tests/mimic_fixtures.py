@@ -305,3 +305,22 @@ def write_mimic_dicom_tree(root, n_studies: int = 4, *, seed: int = 1, with_jpg_
         _write_gz_csv(csv_dir / "mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id"] + CHEXPERT,
                       labels)
     return tree
+
+
+def output_digest(out) -> dict:
+    """sha256 of every output file (per-shard sidecars under _parts aside); the manifest minus its
+    created_by block, so runs at different times compare equal when their bytes do."""
+    import hashlib
+    import json
+    from pathlib import Path
+    out = Path(out)
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and "_parts" not in p.relative_to(out).parts:
+            data = p.read_bytes()
+            if p.name == "manifest.json":
+                m = json.loads(data)
+                m.pop("created_by")
+                data = json.dumps(m, sort_keys=True).encode()
+            files[p.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
+    return files

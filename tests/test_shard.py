@@ -15,7 +15,7 @@ import webdataset as wds
 from lapvqa.shard import main
 from lapvqa.shard.inputs import CHEXPERT_LABELS
 from lapvqa.tokenizer import encode
-from mimic_fixtures import ALL_FAULTS, write_mimic_dicom_tree, write_mimic_jpg_tree
+from mimic_fixtures import ALL_FAULTS, output_digest, write_mimic_dicom_tree, write_mimic_jpg_tree
 
 SPS = ["--samples-per-shard", "3", "--no-progress"]
 
@@ -30,19 +30,6 @@ def _args(tree, out, *extra, reports=None):
     return ["--images", str(tree.images_root), "--reports", str(reports or tree.reports_dir),
             "--out", str(out), *SPS, *extra]
 
-
-def output_digest(out: Path) -> dict:
-    """Every file's sha256 (temp/sidecar-free view); manifest without its timestamp."""
-    files = {}
-    for p in sorted(out.rglob("*")):
-        if p.is_file() and "_parts" not in p.parts:
-            data = p.read_bytes()
-            if p.name == "manifest.json":
-                m = json.loads(data)
-                m.pop("created_by")
-                data = json.dumps(m, sort_keys=True).encode()
-            files[p.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
-    return files
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from lapvqa.shard import main
 from mimic_fixtures import write_mimic_jpg_tree
-from test_shard import output_digest
+from mimic_fixtures import output_digest
 
 
 def _sidecars(out):

@@ -6,7 +6,6 @@ with the reason when slurm-wlm/munge are not installed or we are not root (.ci/r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mimic_fixtures import output_digest
 from slurm_cluster import MARKER, SlurmCluster, unavailable_reason
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,18 +93,6 @@ def test_stop_ends_daemons_and_running_jobs(tmp_path):
 
 
 # ------------------------------------------------------------------ sharding as a job array
-def _digest(out: Path) -> dict[str, str]:
-    """sha256 of every output file (the per-shard sidecars aside); manifest minus created_by."""
-    files = {}
-    for p in sorted(out.rglob("*")):
-        if p.is_file() and "_parts" not in p.relative_to(out).parts:
-            data = p.read_bytes()
-            if p.name == "manifest.json":
-                m = json.loads(data)
-                m.pop("created_by")
-                data = json.dumps(m, sort_keys=True).encode()
-            files[p.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
-    return files
 
 
 @pytest.mark.timeout(240)
@@ -131,9 +119,9 @@ def test_shard_array_equals_single_process_run(cluster, tmp_path):
     assert len({j["ArrayTaskId"] for j in info}) == 2
     # Both tasks did real work: each wrote shards (shard i belongs to task i mod 2).
     assert "task 1/2" in logs and "task 2/2" in logs, logs
-    ref_digest = _digest(ref)
+    ref_digest = output_digest(ref)
     assert sum(n.endswith(".tar") for n in ref_digest) >= 4
-    assert _digest(tmp_path / "array") == ref_digest
+    assert output_digest(tmp_path / "array") == ref_digest
 
 
 # ------------------------------------------------------------------ multi-node training
