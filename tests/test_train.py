@@ -18,10 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from s3_fixtures import moto_endpoint, moto_s3  # noqa: F401  (fixtures)
 from train_fixtures import REPO, train_shards, write_config  # noqa: F401  (fixture)
+
+from lapvqa.train.dist import shm_buffer_path
 
 BIN = Path(sys.executable).parent
 TRAIN = str(REPO / "launch" / "train.py")
@@ -41,8 +45,8 @@ def _env(**extra) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
-def _deepspeed(cfg: str, *over: str) -> list[str]:
-    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()), TRAIN,
+def _deepspeed(cfg: str, *over: str, port: int | None = None) -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port or _port()), TRAIN,
             "--config", cfg, *over]
 
 
@@ -149,10 +153,14 @@ def test_kill_in_save_then_sigkill_then_resume_is_exact(reference, train_shards,
     assert (run / "checkpoints" / "latest").read_text().strip() == "global_step4"
     # 2) same command: resumes from step 4 (partial global_step8 removed); SIGKILL everything
     #    mid-run after step 9 (between checkpoints 8 and 12)
-    proc = _start(_deepspeed(cfg, "--debug.step_sleep_s=0.3"), tmp_path / "log2.txt")
+    port = _port()
+    proc = _start(_deepspeed(cfg, "--debug.step_sleep_s=0.3", port=port), tmp_path / "log2.txt")
     _wait_for_step(run, 9, proc)
+    shm = [shm_buffer_path(r, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in (0, 1)]
+    assert not any(os.path.exists(p) for p in shm)  # names released while running ...
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert not any(os.path.exists(p) for p in shm)  # ... so a SIGKILL leaks no /dev/shm buffer
     out2 = (tmp_path / "log2.txt").read_text()
     assert "removing partial checkpoint" in out2 and "resumed from global_step4" in out2
     assert "global_step8" in _complete(run)
@@ -180,7 +188,8 @@ def test_two_nodes_on_loopback_see_disjoint_data_bf16(train_shards, tmp_path):
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", str(run), train_shards, train__max_steps=5,
                        train__precision="bf16", validate__every_steps=0, run__log_sample_keys=True,
-                       checkpoint__every_steps=100)
+                       checkpoint__every_steps=100, model__overrides={"pixel_norm": "pixel"},
+                       model__pixel_stats_samples=30)
     port = _port()
     procs = [_start([str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i),
                      "--master_addr", "127.0.0.1", "--master_port", str(port), TRAIN, "--config", cfg],
@@ -197,6 +206,33 @@ def test_two_nodes_on_loopback_see_disjoint_data_bf16(train_shards, tmp_path):
     train, val = _rows(run)
     assert len(train) == 5 and val[-1]["val_samples"] == 32
     assert json.loads((run / "checkpoints" / "global_step5" / "COMPLETE").read_text())["precision"] == "bf16"
+    # pixel_norm: pixel -> both ranks measured their halves of the first 30 training images; the
+    # all-reduced maps equal the maps of those images read straight from the shards
+    from lapvqa.release.zero import open_checkpoint
+    buffers = open_checkpoint(str(run / "checkpoints" / "global_step5")).buffers
+    mean, std = _first_train_images_stats(train_shards, 30, 64)
+    got_mean = buffers["vision_encoder.pixel_mean_map"].float()[0, 0]
+    got_std = buffers["vision_encoder.pixel_std_map"].float()[0, 0]
+    torch.testing.assert_close(got_mean, mean, rtol=1e-2, atol=1e-3)  # bf16 buffers: ~3 digits
+    torch.testing.assert_close(got_std, std, rtol=1e-2, atol=1e-3)
+    assert float((mean - got_mean).abs().max()) < 0.01 and float(mean.std()) > 0.05  # a real map
+
+
+def _first_train_images_stats(shards: str, n: int, size: int):
+    """Per-pixel mean and std (+ the trainer's eps) of the first n train samples in manifest order."""
+    import tarfile
+
+    from lapvqa.data.transform import decode_image
+    from lapvqa.train.pixel_stats import STD_EPS
+    manifest = json.loads((Path(shards) / "manifest.json").read_text())
+    names = [s["name"] for s in manifest["splits"]["train"]["shards"]]
+    images = []
+    for name in names:
+        with tarfile.open(Path(shards) / name) as tar:
+            images += [decode_image(tar.extractfile(m).read(), size) for m in tar if m.name.endswith(".jpg")]
+    x = torch.from_numpy(np.stack(images[:n])).double() / 255
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    return mean.float(), (var + STD_EPS ** 2).sqrt().float()
 
 
 @pytest.mark.timeout(300)
