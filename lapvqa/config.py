@@ -66,6 +66,7 @@ class ModelSection:
     preset: str = "card"  # lapvqa.pretrain.model.get_config name: card | tiny
     image_size: Optional[int] = None  # override the preset's input size (data is resized to it)
     overrides: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. {dec_dropout: 0.0}
+    pixel_stats_samples: int = 2048  # pixel_norm: pixel -> training images the maps are measured on
 
 
 @dataclass

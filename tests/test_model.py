@@ -213,6 +213,41 @@ def test_encoder_weights_load_into_stock_timm(tiny):
     assert vit.pretrained_cfg["mean"] == cfg.pixel_mean
 
 
+def test_pixel_norm_maps_are_saved_used_and_kept_out_of_timm():
+    cfg = get_config("tiny", image_size=32, patch_size=16, pooled_grid=2, pixel_norm="pixel")
+    torch.manual_seed(0)
+    model = CaptioningModel(cfg).eval()
+    enc = model.vision_encoder
+    images = _images(cfg, 2)
+    # until measured, the maps are the channel constants: the same input as pixel_norm="channel"
+    torch.testing.assert_close(enc.normalize(images), (images.float().expand(-1, 3, -1, -1) / 255 - 0.5) / 0.5)
+    g = torch.Generator().manual_seed(3)
+    mean, std = torch.rand(32, 32, generator=g), 0.1 + torch.rand(32, 32, generator=g)
+    enc.set_pixel_stats(mean, std)
+    want = (images.float() / 255 - mean) / std  # [2, 1, 32, 32], the same for every channel
+    torch.testing.assert_close(enc.normalize(images), want.expand(-1, 3, -1, -1))
+    state = model.state_dict()
+    assert torch.equal(state["vision_encoder.pixel_mean_map"][0, 0], mean)
+    fresh = CaptioningModel(cfg).eval()
+    fresh.vision_encoder.load_state_dict(torch.load(_saved(enc.state_dict()), weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.vision_encoder(images), enc(images))
+    timm_sd = to_timm_state_dict(state)
+    assert "pixel_mean_map" not in timm_sd and "pixel_std_map" not in timm_sd
+    timm_vit(cfg).load_state_dict(timm_sd, strict=True)
+    with pytest.raises(ValueError, match="pixel_norm must be one of channel, pixel"):
+        get_config("tiny", pixel_norm="image")
+    with pytest.raises(ValueError, match="pixel_norm"):
+        CaptioningModel(get_config("tiny")).vision_encoder.set_pixel_stats(mean, std)
+
+
+def _saved(state: dict) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return buf
+
+
 def test_dataclass_is_json_friendly_for_checkpoints():
     d = dataclasses.asdict(get_config("card", enc_grad_checkpointing=[0, 1]))
     assert json.loads(json.dumps(d))["enc_grad_checkpointing"] == [0, 1]

@@ -28,6 +28,7 @@ from lapvqa.pretrain.layers import (
 )
 
 EOT = 50256  # GPT-2 <|endoftext|> (lapvqa.tokenizer.EOT); starts and ends every report, pads too
+PIXEL_NORMS = ("channel", "pixel")
 Checkpointing = Union[bool, int, tuple]  # all/none, the first n blocks, or explicit block indices
 
 
@@ -45,6 +46,11 @@ class ModelConfig:
     pooled_grid: int = 16  # patch grid average-pooled (adaptively) to 16x16 = 256 visual tokens
     pixel_mean: tuple = (0.5, 0.5, 0.5)  # [0,1] pixels -> (x - mean) / std inside the encoder
     pixel_std: tuple = (0.5, 0.5, 0.5)
+    # "channel": (x - pixel_mean) / pixel_std, timm's input. "pixel": per-pixel mean and std maps of
+    # the training images (AlexNet's mean image), persistent buffers the trainer measures before
+    # step 0. They centre every input pixel, which makes a raw-pixel patch projection learn far
+    # faster (the tiny demo model); encoder_final.pt then holds the two maps besides timm's keys.
+    pixel_norm: str = "channel"
     # text decoder: pre-norm, causal self-attention + cross-attention to the visual tokens
     dec_width: int = 512
     dec_depth: int = 6
@@ -83,6 +89,7 @@ class ModelConfig:
         need(0 <= self.eot_id < self.vocab_size, "eot_id must be a vocabulary id")
         need(len(self.pixel_mean) == 3 and len(self.pixel_std) == 3, "pixel_mean/std need 3 values")
         need(min(self.pixel_std) > 0, "pixel_std must be positive")
+        need(self.pixel_norm in PIXEL_NORMS, f"pixel_norm must be one of {', '.join(PIXEL_NORMS)}")
 
     @property
     def grid(self) -> int:
@@ -157,6 +164,19 @@ class VisionEncoder(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pool", adaptive_pool_matrix(cfg.grid, cfg.pooled_grid), persistent=False)
+        self.pixel_maps = cfg.pixel_norm == "pixel"
+        if self.pixel_maps:  # measured on the training set (set_pixel_stats), saved with the weights
+            size = (1, 1, cfg.image_size, cfg.image_size)
+            self.register_buffer("pixel_mean_map", torch.full(size, cfg.pixel_mean[0]))
+            self.register_buffer("pixel_std_map", torch.full(size, cfg.pixel_std[0]))
+
+    @torch.no_grad()
+    def set_pixel_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """pixel_norm="pixel": the per-pixel mean and std ([S, S], pixels in [0, 1]) to normalise with."""
+        if not self.pixel_maps:
+            raise ValueError('set_pixel_stats needs ModelConfig.pixel_norm="pixel"')
+        self.pixel_mean_map.copy_(mean.view_as(self.pixel_mean_map))
+        self.pixel_std_map.copy_(std.view_as(self.pixel_std_map))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [0,255] or float [0,1], [B,3|1,H,W] -> normalised float [B,3,H,W] (timm's input)."""
@@ -174,6 +194,8 @@ class VisionEncoder(nn.Module):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # grayscale: the same pixels in every channel
         # fp32 arithmetic even when the module was cast to bf16 (pixel steps of 1/255 need it)
+        if self.pixel_maps:  # [B, 3, S, S] - [1, 1, S, S]: the same map for every channel
+            return (x - self.pixel_mean_map.float()) / self.pixel_std_map.float()
         return (x - self.pixel_mean.float()) / self.pixel_std.float()
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:

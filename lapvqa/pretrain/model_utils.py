@@ -108,16 +108,19 @@ def timm_vit(config, **kwargs):
 
 
 _PREFIX = "vision_encoder."
+PIXEL_MAP_KEYS = ("pixel_mean_map", "pixel_std_map")  # VisionEncoder buffers (pixel_norm="pixel")
 
 
 def to_timm_state_dict(state_dict: dict) -> dict:
     """Encoder weights (``encoder_final.pt``, or a full ``model_best.pt``) -> timm's key names.
 
-    The encoder already uses timm's names, so this only selects the encoder's tensors.
+    The encoder already uses timm's names, so this only selects the encoder's tensors. The
+    ``pixel_norm="pixel"`` maps are input normalisation, not timm weights: they are left out
+    (normalise with them before ``forward_features``, as ``VisionEncoder.normalize`` does).
     """
     if any(k.startswith(_PREFIX) for k in state_dict):
-        return {k[len(_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_PREFIX)}
-    return dict(state_dict)
+        state_dict = {k[len(_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_PREFIX)}
+    return {k: v for k, v in state_dict.items() if k not in PIXEL_MAP_KEYS}
 
 
 def from_timm_state_dict(state_dict: dict) -> dict:

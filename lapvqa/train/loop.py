@@ -23,6 +23,7 @@ from lapvqa import __version__
 from lapvqa.config import Config, save_config
 from lapvqa.data import build_train_loader
 from lapvqa.data.augment import apply_augment
+from lapvqa.train import pixel_stats
 from lapvqa.train.checkpoint import Checkpoints
 from lapvqa.train.dist import DistInfo, all_gather_object
 from lapvqa.train.engine import build_engine, build_model
@@ -65,6 +66,9 @@ class Trainer:
         self.model_config, model = build_model(cfg)
         mc_json = json.loads(json.dumps(dataclasses.asdict(self.model_config)))
         self.resume = self.ckpt.resume_marker(cfg.run.resume, mc_json)
+        if self.model_config.pixel_norm == "pixel" and not self.resume:  # resumed: from the checkpoint
+            pixel_stats.apply(model, cfg, self.model_config.image_size, info.rank, info.world_size,
+                              info.device)
         self.engine = build_engine(cfg, model, info)
         client = self._load() if self.resume else None
         torch.manual_seed(cfg.seed * 1000 + info.rank)  # dropout differs per rank, reproducibly
