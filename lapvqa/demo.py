@@ -2,8 +2,8 @@
 
 Stages (each the same command a user runs on MIMIC-CXR, echoed with its log file):
 
-1. ``python -m lapvqa.synth``        a few hundred synthetic studies in MIMIC-CXR-JPG's layout
-2. ``python -m lapvqa.shard``        -> WebDataset shards + manifest.json (frontal views, 128 px)
+1. ``python -m lapvqa.synth``        2500 synthetic studies in MIMIC-CXR-JPG's layout
+2. ``python -m lapvqa.shard``        -> WebDataset shards + manifest.json (frontal views, at the model's 64 px)
 3. ``deepspeed launch/train.py``     the tiny preset, ZeRO-2, 2 ranks (CPU: gloo)
 4. ``python -m lapvqa.consolidate``  -> model_best.pt, encoder_final.pt, config.json
 5. ``python -m lapvqa.generate``     reports for the test split
@@ -34,7 +34,7 @@ TARGET, BASELINE_MAX = 0.9, 0.6
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "demo_out"
-    studies: int = 1500
+    studies: int = 2500
     seed: int = 0
     ranks: int = 2  # DeepSpeed processes (CPU ranks without a GPU)
     config: str = str(ROOT / "configs" / "demo.yaml")

@@ -13,6 +13,9 @@ What each finding looks like:
 - pneumothorax: an apical/lateral rim of black without lung markings, edged by a pleural line;
 - consolidation: a dense patchy opacity in a lower lung zone;
 - support devices: bright tubes/lines (ETT, NG tube, jugular line, PICC) or a pacemaker.
+
+Sizes lean to the conspicuous end (moderate-to-large effusions and pneumothoraces, tubes as wide as
+real ones on a 35-cm film) so that the findings stay visible at the demo's 64 px.
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ def _effusion(state, a, v, right, ac, ra, dome, top, dia_side):
     if not state.present:
         return np.zeros_like(a)
     sides = {"right": right, "left": ~right, "bilateral": np.ones_like(right)}[state.side]
-    height = (dia_side - top) * (0.24, 0.32, 0.42)[state.severity]
+    height = (dia_side - top) * (0.32, 0.42, 0.52)[state.severity]
     lateral = np.clip((a - (ac - ra)) / (2 * ra), 0, 1)
     meniscus = dia_side - height * (0.5 + 0.5 * lateral ** 2)  # fluid climbs the chest wall
     return _ramp(v - meniscus, 0.02) * sides
@@ -147,7 +150,7 @@ def _pneumothorax(state, a, v, right, ac, ra, vc, top, dome):
     if not state.present:
         return np.zeros_like(a), np.zeros_like(a)
     side = right if state.side == "right" else ~right
-    gap = (0.28, 0.38, 0.48)[state.severity]
+    gap = (0.4, 0.5, 0.6)[state.severity]
     # The collapsed lung shrinks toward the hilum: a narrower, lower copy of the lung outline.
     taper = np.clip((dome - v) / (dome - top), 0, 1) ** 0.6
     ra_in = ra * (1 - gap * 0.55 * taper)
@@ -155,7 +158,7 @@ def _pneumothorax(state, a, v, right, ac, ra, vc, top, dome):
     top_in = top + gap * 0.45 * (vc - top)
     inner = np.sqrt(((a - ac_in) / ra_in) ** 2 + (np.minimum(v - vc, 0) / (vc - top_in)) ** 2)
     ptx = _ramp(inner - 1, 0.03) * side
-    pleura = np.exp(-((inner - 1) / 0.025) ** 2) * side
+    pleura = np.exp(-((inner - 1) / 0.03) ** 2) * side
     return ptx, pleura
 
 
@@ -164,7 +167,7 @@ def _consolidation(rng, state, u, v, right, ac, ra, dia, aspect):
         return np.zeros_like(u)
     sign = -1.0 if state.side == "right" else 1.0
     cu = sign * (ac + float(rng.uniform(-0.05, 0.25)) * ra)  # the heart hides the medial base
-    cv, r = dia - float(rng.uniform(0.14, 0.2)), float(rng.uniform(0.2, 0.26))
+    cv, r = dia - float(rng.uniform(0.14, 0.2)), float(rng.uniform(0.24, 0.3))
     return _blob(rng, u, v, cu, cv, r, aspect)
 
 
@@ -172,7 +175,7 @@ def _blob(rng, u, v, cu, cv, r, aspect):
     """A patchy airspace opacity of radius ``r`` (in u units) around (cu, cv)."""
     d2 = ((u - cu) / r) ** 2 + ((v - cv) * 2 * aspect / r) ** 2
     patchy = 0.8 + 0.2 * np.tanh(_noise_field(rng, u.shape, 30))
-    return 0.5 * np.exp(-1.2 * d2 ** 1.5) * patchy
+    return 0.6 * np.exp(-1.2 * d2 ** 1.5) * patchy
 
 
 def _mediastinum(img, u, v, top, dia, t, study, rng, aspect):
@@ -235,11 +238,11 @@ def _lateral(rng, frng, geo: _Geometry, study: StudySpec) -> np.ndarray:
 
 # ---- devices, exposure -----------------------------------------------------------------------
 _FRONTAL_PATHS = {
-    "ett": ([(0.0, -0.02), (0.005, 0.12), (0.01, 0.27)], 0.018),
-    "ng": ([(0.02, -0.02), (0.03, 0.35), (0.05, 0.72), (0.22, 0.82), (0.36, 0.8)], 0.013),
-    "cvc": ([(-0.3, -0.02), (-0.2, 0.12), (-0.09, 0.22), (-0.07, 0.37)], 0.013),
-    "picc": ([(0.99, 0.32), (0.6, 0.24), (0.3, 0.2), (0.05, 0.24), (-0.06, 0.38)], 0.011),
-    "pacer": ([(0.55, 0.2), (0.3, 0.24), (0.02, 0.3), (-0.06, 0.46), (0.1, 0.66)], 0.009),
+    "ett": ([(0.0, -0.02), (0.005, 0.12), (0.01, 0.27)], 0.03),
+    "ng": ([(0.02, -0.02), (0.03, 0.35), (0.05, 0.72), (0.22, 0.82), (0.36, 0.8)], 0.022),
+    "cvc": ([(-0.3, -0.02), (-0.2, 0.12), (-0.09, 0.22), (-0.07, 0.37)], 0.022),
+    "picc": ([(0.99, 0.32), (0.6, 0.24), (0.3, 0.2), (0.05, 0.24), (-0.06, 0.38)], 0.02),
+    "pacer": ([(0.55, 0.2), (0.3, 0.24), (0.02, 0.3), (-0.06, 0.46), (0.1, 0.66)], 0.016),
 }
 _LATERAL_PATHS = {
     "ett": ([(-0.05, -0.02), (-0.08, 0.15), (-0.1, 0.28)], 0.018),
