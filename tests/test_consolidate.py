@@ -102,6 +102,7 @@ def test_sums_card_and_config(run_dir, release):
     card = (release / "MODEL_CARD.md").read_text()
     assert "`global_step1`, step 1, validation loss 9.5" in card
     assert "`global_step2`, step 2" in card and "max_steps: 2" in card
+    assert "| input normalisation | `(x - [0.5, 0.5, 0.5]) / [0.5, 0.5, 0.5]` per channel" in card
 
 
 def _linked_copy(run_dir: Path, dst: Path) -> Path:

@@ -75,6 +75,8 @@ def test_demo_pipeline_end_to_end_in_miniature(tmp_path, capsys):
     assert "Where everything went" in printed and "target met for" in printed
     for name in ("model_best.pt", "encoder_final.pt", "config.json"):
         assert (out / "release" / name).is_file()
+    # the demo's pixel_norm: pixel maps travel in the weights, and the card says so
+    assert "per-pixel mean/std maps of the training images" in (out / "release" / "MODEL_CARD.md").read_text()
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     rows = [json.loads(line) for line in (out / "generated_test.jsonl").read_text().splitlines()]
     assert len(rows) == manifest["splits"]["test"]["samples"] > 0

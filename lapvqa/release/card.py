@@ -71,6 +71,13 @@ def _training_config(run_dir: str, client_state: dict) -> tuple[str, str]:
     return "json", json.dumps(client_state.get("config", {}), indent=2, default=str)
 
 
+def _normalisation(config) -> str:
+    if config.pixel_norm == "pixel":
+        return ("per-pixel mean/std maps of the training images, stored in the weights "
+                "(`vision_encoder.pixel_mean_map` / `pixel_std_map`); `model.vision_encoder` applies them")
+    return f"`(x - {list(config.pixel_mean)}) / {list(config.pixel_std)}` per channel, pixels x in [0, 1]"
+
+
 def write_card(folder, run_dir, info, best_ckpt, last_ckpt, config, sums: dict) -> None:
     best_loss = info.best.get("val_loss")
     lang, train_cfg = _training_config(run_dir, best_ckpt.client_state)
@@ -85,6 +92,7 @@ Consolidated by `python -m lapvqa.consolidate` from `{os.path.abspath(run_dir)}`
 | `encoder_final.pt` | `model.vision_encoder` state_dict at the last complete checkpoint: `{info.last_tag}`, step {info.last_step} |
 | weights | fp32 master weights of DeepSpeed ZeRO (world size {best_ckpt.world_size}), plain dicts of tensors (`torch.load` with `weights_only=True`) |
 | architecture | `{config.name}`: ViT {config.enc_depth}x{config.enc_width} ({config.image_size} px, patch {config.patch_size}) -> {config.n_visual_tokens} visual tokens; decoder {config.dec_depth}x{config.dec_width}, vocabulary {config.vocab_size} (tied embeddings); full sizes in `config.json` |
+| input normalisation | {_normalisation(config)} |
 | data manifest sha256 | {manifest_sha256(best_ckpt.client_state)} |
 
 ## Usage
