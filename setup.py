@@ -20,7 +20,10 @@ setup(
         "simplejpeg>=1.7",
         "boto3>=1.34",
         "pyyaml>=6",
-        "pydicom>=2.4",
+        "pydicom>=3.0",
+        # pixel decoders for compressed DICOM (JPEG lossless/extended, JPEG-LS, JPEG 2000): one
+        # BSD-licensed package covers every syntax CR/DX archives use; pylibjpeg's libjpeg is GPL
+        "python-gdcm>=3.0.22",
         "pillow>=10",
         "numpy>=1.24",
         "tqdm>=4.60",
@@ -30,6 +33,7 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.0"],
+        # imagecodecs: writes genuine 12-bit lossy JPEG streams for the DICOM tests
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.0", "imagecodecs>=2024.1"],
     },
 )

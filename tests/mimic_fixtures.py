@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["MimicTree", "write_mimic_jpg_tree", "write_mimic_dicom_tree", "radiograph",
-           "REPORTS", "ALL_FAULTS", "write_dicom", "CHEXPERT"]
+           "REPORTS", "ALL_FAULTS", "write_dicom", "compress_dicom", "COMPRESSED_SYNTAXES", "CHEXPERT"]
 
 CHEXPERT = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
             "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion",
@@ -253,19 +253,47 @@ def write_dicom(path: Path, arr: np.ndarray, *, photometric: str = "MONOCHROME2"
     ds.Modality, ds.ViewPosition = "CR", view
     ds.Rows, ds.Columns = arr.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    allocated = 8 if bits <= 8 else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, bits, bits - 1, 0
     ds.RescaleIntercept, ds.RescaleSlope = 0, 1
     if window:
         ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.PixelData = arr.astype(np.uint8 if allocated == 8 else np.uint16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
+
+
+# transfer syntaxes GDCM can write (and the sharder must read): name -> gdcm.TransferSyntax attr
+COMPRESSED_SYNTAXES = {"jpeg_lossless": "JPEGLosslessProcess14_1", "jpeg_ls": "JPEGLSLossless",
+                       "jpeg2000_lossless": "JPEG2000Lossless", "rle": "RLELossless",
+                       "jpeg_baseline": "JPEGBaselineProcess1"}
+# (not JPEG Extended: for 12-bit data GDCM writes a precision-16 lossy stream, which is invalid;
+#  tests build genuine 12-bit JPEG streams with imagecodecs instead)
+
+
+def compress_dicom(src: Path, dst: Path, syntax: str) -> None:
+    """Re-encode a DICOM file with GDCM (``syntax``: a COMPRESSED_SYNTAXES key), as a PACS would."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(src))
+    assert reader.Read(), src
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, COMPRESSED_SYNTAXES[syntax])))
+    change.SetInput(reader.GetImage())
+    assert change.Change(), syntax
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(dst))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write(), dst
 
 
 def write_mimic_dicom_tree(root, n_studies: int = 4, *, seed: int = 1, with_jpg_csvs: bool = True,
                            size=(300, 256)) -> MimicTree:
     """A MIMIC-CXR DICOM root (cxr-record-list.csv.gz) with MONOCHROME1/2, 12/16-bit, windowed
-    and unwindowed files; the JPG CSVs go to a separate ``mimic-cxr-jpg-csvs`` folder."""
+    and unwindowed, uncompressed and JPEG-lossless files; the JPG CSVs go to a separate
+    ``mimic-cxr-jpg-csvs`` folder."""
     root = Path(root)
     images_root, reports_dir = root / "mimic-cxr", root / "mimic-cxr-reports"
     csv_dir = root / "mimic-cxr-jpg-csvs"
@@ -283,6 +311,8 @@ def write_mimic_dicom_tree(root, n_studies: int = 4, *, seed: int = 1, with_jpg_
             arr = (2 ** bits - 1) - arr  # stored inverted: bone dark
         rel = f"files/p{str(subject)[:2]}/p{subject}/s{study}/{dicom}.dcm"
         write_dicom(images_root / rel, arr, photometric=photometric, bits=bits, window=window)
+        if s % 4 == 1:  # JPEG lossless, as many PACS store CR/DX: shards must not change
+            compress_dicom(images_root / rel, images_root / rel, "jpeg_lossless")
         records.append([subject, study, dicom, rel])
         meta.append([dicom, subject, study, "CHEST", "PA", size[0], size[1], "", "", "", "", ""])
         split.append([dicom, study, subject, _split_of(s)])

@@ -224,19 +224,21 @@ def test_missing_dicom_codec_stops_the_run_with_one_line(tmp_path, capsys):
     tree = write_mimic_dicom_tree(tmp_path / "d", n_studies=2)
     path = next(tree.images_root.rglob("*.dcm"))
     ds = pydicom.dcmread(path)
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"  # JPEG lossless: needs a plugin
-    ds.PixelData = encapsulate([b"\xff\xd8" + b"\x00" * 64])
+    # HTJ2K: python-gdcm (a dependency) cannot decode it, pylibjpeg-openjpeg (not one) can
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
     ds.save_as(path, enforce_file_format=True)
     try:
-        import pylibjpeg  # noqa: F401
-        pytest.skip("a JPEG-lossless DICOM decoder is installed here")
+        import openjpeg  # noqa: F401
+        pytest.skip("pylibjpeg-openjpeg is installed here: HTJ2K has a decoder")
     except ImportError:
         pass
     rc = main(["--images", str(tree.images_root), "--reports", str(tree.reports_dir),
                "--metadata", str(tree.metadata_dir), "--out", str(tmp_path / "o"),
                "--workers", "1", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert rc == 2 and "1.2.840.10008.1.2.4.70" in err and "pip install" in err
+    assert rc == 2 and "1.2.840.10008.1.2.4.201" in err and "pip install" in err
+    assert "pylibjpeg-openjpeg" in err
 
 
 @pytest.mark.timeout(120)

@@ -3,7 +3,8 @@
 JPEG goes through simplejpeg (libjpeg-turbo) with DCT-domain downscaling: a 2500x3000 source
 decodes directly at 1/2, 1/4 or 1/8 scale, skipping most of the IDCT work, which is where
 the plain "decode full size, then resize" way spends its time. Other formats go through Pillow,
-DICOM through pydicom (modality LUT, VOI LUT or window, MONOCHROME1 inverted so bone is bright).
+DICOM through pydicom and GDCM (lapvqa/shard/dicom.py: modality LUT, VOI LUT or window,
+MONOCHROME1 inverted so bone is bright).
 The whole radiograph is kept: the longer side is scaled to ``size`` and the shorter side padded
 with black (the radiograph background), centred.
 """
@@ -23,6 +24,9 @@ from .inputs import InputError
 __all__ = ["ImageError", "MissingCodecError", "ProcessedImage", "process_image", "fit_size", "encode_gray_jpeg"]
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # radiographs are big; still guard against bombs
+# a DICOM without preamble/"DICM" starts with a tag of group 0002 (meta) or 0008 (identity),
+# little-endian, element < 0x0100
+_BARE_DICOM_GROUPS = (b"\x02\x00", b"\x08\x00")
 _RESAMPLE = Image.Resampling.BICUBIC  # antialiased in Pillow (support scales with the factor)
 
 
@@ -58,7 +62,7 @@ def _sniff(data: bytes) -> str:
         return "jpeg"
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "png"
-    if data[128:132] == b"DICM":
+    if data[128:132] == b"DICM" or (data[:2] in _BARE_DICOM_GROUPS and data[3:4] == b"\x00"):
         return "dicom"
     return "other"
 
@@ -71,7 +75,7 @@ def _decode_jpeg(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     return arr[:, :, 0], (h, w)
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
+def to_uint8(arr: np.ndarray) -> np.ndarray:
     """Stretch a >8-bit (or float) grayscale array to 0..255 by its own range."""
     if arr.dtype == np.uint8:
         return arr
@@ -86,62 +90,10 @@ def _decode_pil(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = _to_uint8(np.asarray(im))  # 12/16-bit PNG: use the full stored range
+            arr = to_uint8(np.asarray(im))  # 12/16-bit PNG: use the full stored range
         else:
             arr = np.asarray(im.convert("L"))
     return arr, (arr.shape[0], arr.shape[1])
-
-
-def _decode_dicom(data: bytes) -> tuple[np.ndarray, tuple[int, int], list[str]]:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    ds = pydicom.dcmread(io.BytesIO(data))
-    try:
-        px = ds.pixel_array
-    except RuntimeError as e:
-        if "missing dependencies" in str(e):
-            ts = ds.file_meta.get("TransferSyntaxUID", "?")
-            raise MissingCodecError(
-                f"DICOM transfer syntax {ts} needs a pixel decoder: pip install "
-                "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)") from None
-        raise
-    if px.ndim != 2:
-        raise ImageError("image_unsupported", f"DICOM pixel array of shape {px.shape}")
-    warnings = []
-    arr = apply_modality_lut(px, ds).astype(np.float32)
-    window = _linear_window(ds)
-    if window is not None:
-        # DICOM PS3.3 C.11.2.1.2 linear window, mapped straight to 0..1 (not re-stretched, so
-        # the window the radiologist's display would use is exactly what we keep)
-        c, w = window
-        out = np.round(np.clip((arr - (c - 0.5)) / max(w - 1.0, 1.0) + 0.5, 0, 1) * 255)
-        out = out.astype(np.uint8)
-    elif "VOILUTSequence" in ds or "WindowCenter" in ds:  # LUT or SIGMOID: pydicom does it
-        out = _to_uint8(apply_voi_lut(arr, ds, index=0))
-    else:
-        warnings.append("dicom_no_voi")  # no window given: the stored range is used
-        out = _to_uint8(arr)
-    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
-        out = 255 - out  # MONOCHROME1 stores bone dark; training data has bone bright
-    return out, (px.shape[0], px.shape[1]), warnings
-
-
-def _first(value) -> float:
-    from pydicom.multival import MultiValue
-
-    return float(value[0] if isinstance(value, (MultiValue, list, tuple)) else value)
-
-
-def _linear_window(ds) -> tuple[float, float] | None:
-    if "VOILUTSequence" in ds or "WindowCenter" not in ds or "WindowWidth" not in ds:
-        return None
-    if str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() not in ("", "LINEAR"):
-        return None
-    try:
-        return _first(ds.WindowCenter), _first(ds.WindowWidth)
-    except (TypeError, ValueError, IndexError):
-        return None
 
 
 def _resize_pad(arr: np.ndarray, size: int) -> np.ndarray:
@@ -175,7 +127,9 @@ def _decode_any(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int], st
             arr, orig = _decode_pil(data)
             return arr, orig, kind, ["image_pillow_fallback"]
     if kind == "dicom":
-        arr, orig, warnings = _decode_dicom(data)
+        from .dicom import decode_dicom  # pydicom is imported only for DICOM inputs
+
+        arr, orig, warnings = decode_dicom(data)
         return arr, orig, kind, warnings
     arr, orig = _decode_pil(data)
     return arr, orig, (kind if kind != "other" else "pil"), []

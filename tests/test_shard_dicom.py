@@ -1,0 +1,165 @@
+"""DICOM as archives really hold it: compressed transfer syntaxes (written by GDCM here, as a PACS
+would), bare datasets without preamble, a missing Transfer Syntax UID, colour secondary
+captures, multi-frame files and syntaxes nothing can decode."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+import simplejpeg
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+
+from lapvqa.shard.images import ImageError, process_image
+from mimic_fixtures import COMPRESSED_SYNTAXES, compress_dicom, radiograph, write_dicom
+
+LOSSLESS = ("jpeg_lossless", "jpeg_ls", "jpeg2000_lossless", "rle")
+
+
+def _gray(jpeg: bytes) -> np.ndarray:
+    return simplejpeg.decode_jpeg(jpeg, colorspace="GRAY")[:, :, 0].astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A 12-bit MONOCHROME1 windowed radiograph, uncompressed, and what the sharder makes of it."""
+    d = tmp_path_factory.mktemp("dcm")
+    arr = 4095 - radiograph(330, 270, seed=7).astype(np.float32) / 255 * 4095
+    write_dicom(d / "plain.dcm", arr, photometric="MONOCHROME1", window=(2048, 4096))
+    out = process_image((d / "plain.dcm").read_bytes())
+    assert out.warnings == [] and out.orig_size == (330, 270)
+    return d, out
+
+
+@pytest.mark.parametrize("syntax", LOSSLESS)
+def test_lossless_syntaxes_give_the_same_shard_image(plain, syntax):
+    d, ref = plain
+    compress_dicom(d / "plain.dcm", d / f"{syntax}.dcm", syntax)
+    data = (d / f"{syntax}.dcm").read_bytes()
+    assert pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID.is_compressed
+    out = process_image(data)
+    # lossless: the same stored values, so the very same 384-px JPEG, byte for byte
+    assert out.jpeg == ref.jpeg and out.orig_size == ref.orig_size and out.warnings == []
+
+
+def test_lossy_baseline_jpeg_decodes_close(tmp_path):
+    arr = radiograph(330, 270, seed=2)
+    write_dicom(tmp_path / "p.dcm", arr, bits=8, window=(128, 256))
+    compress_dicom(tmp_path / "p.dcm", tmp_path / "c.dcm", "jpeg_baseline")
+    ref = _gray(process_image((tmp_path / "p.dcm").read_bytes()).jpeg)
+    out = _gray(process_image((tmp_path / "c.dcm").read_bytes()).jpeg)
+    assert np.abs(out - ref).mean() < 2.0 and ref.std() > 30
+
+
+def test_12bit_lossy_jpeg_extended(tmp_path):
+    """Process 4 (12-bit lossy), common in older CR archives; pydicom 3 declines it for GDCM, the
+    sharder reads it through GDCM's file reader. A genuine 12-bit stream (SOF1, precision 12) from
+    libjpeg-turbo via imagecodecs; the decode must equal libjpeg-turbo's exactly."""
+    import imagecodecs  # the [test] extra: the only pip encoder of 12-bit JPEG here
+    arr = (radiograph(330, 270, seed=2).astype(np.float32) / 255 * 4095).astype(np.uint16)
+    stream = imagecodecs.jpeg8_encode(arr, level=90, bitspersample=12)
+    sof = stream.find(b"\xff\xc1")
+    assert sof > 0 and stream[sof + 4] == 12
+    write_dicom(tmp_path / "p.dcm", imagecodecs.jpeg8_decode(stream), window=(2048, 4096))
+    ds = pydicom.dcmread(tmp_path / "p.dcm")
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.51"
+    ds.PixelData = encapsulate([stream])
+    ds.save_as(tmp_path / "c.dcm", enforce_file_format=True)
+    ref = process_image((tmp_path / "p.dcm").read_bytes())  # the decoded values, uncompressed
+    out = process_image((tmp_path / "c.dcm").read_bytes())
+    assert out.jpeg == ref.jpeg and out.warnings == []
+
+
+def _bare(ds, *, implicit: bool, with_meta: bool) -> bytes:
+    """The dataset without preamble/DICM, optionally led by its group-0002 meta elements."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, implicit
+    if with_meta:
+        write_file_meta_info(fp, ds.file_meta, enforce_standard=False)
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def test_bare_datasets_and_missing_transfer_syntax(plain):
+    d, ref = plain
+    ds = pydicom.dcmread(d / "plain.dcm")
+    for data, warn in [(_bare(ds, implicit=True, with_meta=False), ["dicom_no_transfer_syntax"]),
+                       (_bare(ds, implicit=False, with_meta=True), [])]:
+        assert data[128:132] != b"DICM"
+        out = process_image(data)
+        assert out.jpeg == ref.jpeg and out.source == "dicom" and out.warnings == warn
+    del ds.file_meta.TransferSyntaxUID  # a meta header that forgot it: read as found
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False)
+    out = process_image(buf.getvalue())
+    assert out.jpeg == ref.jpeg and out.warnings == ["dicom_no_transfer_syntax"]
+    # compressed pixel data without its syntax cannot be guessed: a clear reject
+    compress_dicom(d / "plain.dcm", d / "nots.dcm", "jpeg_lossless")
+    ds = pydicom.dcmread(d / "nots.dcm")
+    del ds.file_meta.TransferSyntaxUID
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False)
+    with pytest.raises(ImageError) as e:
+        process_image(buf.getvalue())
+    assert e.value.reason == "image_unsupported" and "Transfer Syntax" in e.value.detail
+
+
+def test_colour_capture_to_luminance_and_multiframe_rejected(plain, tmp_path):
+    d, _ = plain
+    gray = radiograph(330, 270, seed=4)
+    write_dicom(tmp_path / "g.dcm", gray, bits=8, window=(128, 256))
+    ds = pydicom.dcmread(tmp_path / "g.dcm")
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    del ds.WindowCenter, ds.WindowWidth
+    ds.PixelData = np.repeat(gray[:, :, None], 3, axis=2).tobytes()  # a scanned film, in RGB
+    ds.save_as(tmp_path / "rgb.dcm", enforce_file_format=True)
+    out = process_image((tmp_path / "rgb.dcm").read_bytes())
+    assert out.warnings == ["dicom_color"] and out.orig_size == (330, 270)
+    ds.PixelData = gray.tobytes()
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    del ds.PlanarConfiguration
+    ds.save_as(tmp_path / "g8.dcm", enforce_file_format=True)
+    ref = process_image((tmp_path / "g8.dcm").read_bytes())  # the same film stored as gray
+    assert np.abs(_gray(out.jpeg) - _gray(ref.jpeg)).max() <= 2
+    ds = pydicom.dcmread(d / "plain.dcm")
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    ds.save_as(tmp_path / "mf.dcm", enforce_file_format=True)
+    with pytest.raises(ImageError) as e:
+        process_image((tmp_path / "mf.dcm").read_bytes())
+    assert e.value.reason == "image_unsupported" and "multi-frame" in e.value.detail
+
+
+def _with_syntax(path, uid: str) -> bytes:
+    """The file relabelled as ``uid`` (23 characters) with one meaningless encapsulated fragment.
+    Written as HTJ2K and patched: pydicom refuses to write a syntax it does not know."""
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert len(uid) == 23 and buf.getvalue().count(b"1.2.840.10008.1.2.4.201") == 1
+    return buf.getvalue().replace(b"1.2.840.10008.1.2.4.201", uid.encode())
+
+
+def test_syntax_without_any_decoder_is_a_reject(plain):
+    d, _ = plain
+    with pytest.raises(ImageError) as e:  # JPEG XL: pydicom has no decoder at all (nothing to install)
+        process_image(_with_syntax(d / "plain.dcm", "1.2.840.10008.1.2.4.110"))
+    assert e.value.reason == "image_unsupported" and "1.2.840.10008.1.2.4.110" in e.value.detail
+
+
+def test_every_fixture_syntax_is_decodable_here():
+    from pydicom.pixels import get_decoder
+    from pydicom import uid as U
+
+    uids = {"jpeg_lossless": U.JPEGLosslessSV1, "jpeg_ls": U.JPEGLSLossless,
+            "jpeg2000_lossless": U.JPEG2000Lossless, "rle": U.RLELossless,
+            "jpeg_baseline": U.JPEGBaseline8Bit}
+    assert set(uids) == set(COMPRESSED_SYNTAXES)
+    missing = [name for name, u in uids.items() if not get_decoder(u).is_available]
+    assert not missing, f"no pixel decoder for {missing}: is python-gdcm installed?"
