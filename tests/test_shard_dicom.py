@@ -74,6 +74,19 @@ def test_12bit_lossy_jpeg_extended(tmp_path):
     assert out.jpeg == ref.jpeg and out.warnings == []
 
 
+def test_presentation_lut_inverse_flips_the_display(plain, tmp_path):
+    d, ref = plain  # plain is MONOCHROME1: bone stored dark
+    ds = pydicom.dcmread(d / "plain.dcm")
+    ds.PhotometricInterpretation, ds.PresentationLUTShape = "MONOCHROME2", "INVERSE"
+    ds.save_as(tmp_path / "inv.dcm", enforce_file_format=True)  # the same display, said another way
+    out = process_image((tmp_path / "inv.dcm").read_bytes())
+    assert out.jpeg == ref.jpeg and out.warnings == ["dicom_presentation_inverse"]
+    ds.PhotometricInterpretation = "MONOCHROME1"  # both: the inversions cancel, bone dark again
+    ds.save_as(tmp_path / "both.dcm", enforce_file_format=True)
+    both = _gray(process_image((tmp_path / "both.dcm").read_bytes()).jpeg)
+    assert np.corrcoef(both[:, 60:-60].ravel(), _gray(ref.jpeg)[:, 60:-60].ravel())[0, 1] < -0.9
+
+
 def _bare(ds, *, implicit: bool, with_meta: bool) -> bytes:
     """The dataset without preamble/DICM, optionally led by its group-0002 meta elements."""
     fp = DicomBytesIO()

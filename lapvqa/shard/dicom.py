@@ -1,6 +1,7 @@
 """DICOM radiograph bytes -> 8-bit grayscale array as a viewer would display it.
 
-Modality LUT (rescale), then the VOI LUT or window, then MONOCHROME1 inverted so bone is bright.
+Modality LUT (rescale), then the VOI LUT or window, then MONOCHROME1 (or a Presentation LUT
+Shape INVERSE) inverted so bone is bright.
 Real archives are less tidy than the standard's happy path, so this also takes:
 
 * compressed transfer syntaxes (JPEG lossless, JPEG-LS, JPEG 2000, RLE, JPEG baseline/extended):
@@ -134,9 +135,13 @@ def _grayscale(ds, px: np.ndarray, warnings: list[str]) -> np.ndarray:
     else:
         warnings.append("dicom_no_voi")  # no window given: the stored range is used
         out = to_uint8(arr)
-    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
-        out = 255 - out  # MONOCHROME1 stores bone dark; training data has bone bright
-    return out
+    # MONOCHROME1 stores bone dark; a Presentation LUT Shape INVERSE (some CR vendors) flips the
+    # display once more; both together cancel. Training data has bone bright.
+    inverted = str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
+    if str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
+        inverted = not inverted
+        warnings.append("dicom_presentation_inverse")
+    return 255 - out if inverted else out
 
 
 def _int(value) -> int:
