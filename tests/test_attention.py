@@ -1,8 +1,8 @@
 """The fused attention kernel (Triton interpreter on CPU) against a float64 reference.
 
 Triton decides interpreter vs compiler when a kernel is decorated, i.e. when
-lapvqa.ops.flash_attn is imported, so TRITON_INTERPRET=1 is set before that import (and the
-module is reloaded if another test imported it earlier without the variable).
+lapvqa.ops.flash_kernels is imported, so TRITON_INTERPRET=1 is set before that import (and the
+kernels and lapvqa.ops.flash_attn are reloaded if another test imported them earlier without it).
 """
 
 import os
@@ -20,6 +20,7 @@ from lapvqa.ops.reference import reference_attention  # noqa: E402
 # lapvqa.ops re-exports the function `attention`, which shadows the submodule's name
 dispatch = importlib.import_module("lapvqa.ops.attention")
 if flash_attn.AVAILABLE and not flash_attn.INTERPRET:
+    importlib.reload(flash_attn.kernels)  # the kernels first: triton reads the variable there
     flash_attn = importlib.reload(flash_attn)
 
 pytestmark = [

@@ -74,7 +74,7 @@ def compile_one(stage, config, *, dtype="bfloat16", head_dim=64, causal=False, k
 
     from lapvqa.ops import flash_attn as fa
 
-    kernel = {"fwd": fa._attn_fwd, "bwd": fa._attn_bwd}[stage]
+    kernel = {"fwd": fa.kernels._attn_fwd, "bwd": fa.kernels._attn_bwd}[stage]
     if stage == "fwd":
         bm, bn, warps, stages = config
         blocks = dict(BLOCK_M=bm, BLOCK_N=bn)

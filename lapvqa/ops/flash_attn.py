@@ -26,9 +26,10 @@ Design (after the Triton fused-attention tutorial and FlashAttention-2):
     _backward below), so compiled graphs hold them as opaque nodes and the host-side launch
     code and tuner always run eagerly.
 
-Triton is imported lazily-guarded: without triton (or without CUDA and TRITON_INTERPRET=1) the
-module still imports and :data:`AVAILABLE` is False. ``TRITON_INTERPRET=1`` must be set before
-this module is imported (triton decides at decoration time); then the kernels run on CPU
+Files: the ``@triton.jit`` kernels are in :mod:`lapvqa.ops.flash_kernels`; this module holds the
+host side (launch configs, tuner, allocation) and the public :func:`flash_attention`.
+Without triton both modules import and :data:`AVAILABLE` is False. ``TRITON_INTERPRET=1`` must be
+set before the kernels are imported (triton decides at decoration time); then they run on CPU
 tensors with a small fixed block config, which is what the CPU tests use.
 """
 
@@ -41,343 +42,11 @@ import torch
 
 from lapvqa.ops import flash_ops  # noqa: F401  registers torch.ops.lapvqa.flash_attn_*
 
-try:  # the package must import without triton (CPU-only installs)
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised by a subprocess test
-    triton = None
-    tl = None
+from lapvqa.ops import flash_kernels as kernels
+from lapvqa.ops.flash_kernels import AVAILABLE, INTERPRET, triton
 
-AVAILABLE = triton is not None
-INTERPRET = AVAILABLE and os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
-# runtime ints that must not multiply compiles (729 vs 730, 8 vs 16 heads, tuning buckets)
-_SEQ_ARGS = ("H", "Nq", "Nk")
-
-
-if AVAILABLE:
-
-    @triton.jit
-    def _mm(a, b, DOT_PREC: tl.constexpr):
-        # "f32ops": the interpreter's bf16 tl.dot is wrong (triton 3.8), so under
-        # TRITON_INTERPRET=1 bf16 operands are widened exactly to fp32 first; never on a GPU.
-        if DOT_PREC == "f32ops":
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            return tl.dot(a, b, input_precision=DOT_PREC)
-
-    @triton.jit
-    def _mma(a, b, acc, DOT_PREC: tl.constexpr):
-        if DOT_PREC == "f32ops":
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-    @triton.jit
-    def _load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_MASK: tl.constexpr):
-        """[len(offs_r), BLOCK_D] tile; rows >= n_rows (if ROW_MASK) and padded dims read 0."""
-        ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
-        if ROW_MASK:
-            if BLOCK_D != HEAD_DIM:
-                t = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            else:
-                t = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
-        else:
-            if BLOCK_D != HEAD_DIM:
-                t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            else:
-                t = tl.load(ptrs)
-        return t
-
-    @triton.jit
-    def _store_rows(base, val, offs_r, offs_d, stride_r, stride_d, n_rows,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-        ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
-        if BLOCK_D != HEAD_DIM:
-            tl.store(ptrs, val, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
-        else:
-            tl.store(ptrs, val, mask=offs_r[:, None] < n_rows)
-
-    @triton.jit
-    def _visible(offs_m, offs_n, n_valid, diag, kpm_base, Nk,
-                 CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
-        """[BLOCK_M, BLOCK_N] bool: key in range/length, allowed by the padding mask and causality."""
-        vis = (offs_n < n_valid)[None, :] & (offs_m >= 0)[:, None]
-        if HAS_KPM:
-            keep = tl.load(kpm_base + offs_n, mask=offs_n < Nk, other=0)
-            vis = vis & (keep != 0)[None, :]
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None] + diag)
-        return vis
-
-    @triton.jit
-    def _key_bounds(start_m, Nq, Nk, kvl_ptr, off_b,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr):
-        """(n_valid, full_end, hi) for a query block: keys [0, full_end) need no mask at all,
-        [full_end, hi) are boundary blocks, keys >= hi are invisible to every row of the block."""
-        n_valid = Nk
-        if HAS_KVLEN:
-            n_valid = tl.minimum(tl.maximum(tl.load(kvl_ptr + off_b).to(tl.int32), 0), Nk)
-        hi = n_valid
-        full_end = (n_valid // BLOCK_N) * BLOCK_N
-        if CAUSAL:
-            diag = Nk - Nq
-            hi = tl.minimum(hi, tl.maximum((start_m + 1) * BLOCK_M + diag, 0))
-            # the block's first row sees keys <= start_m*BLOCK_M + diag: blocks below are full
-            first = tl.maximum(start_m * BLOCK_M + diag + 1, 0)
-            full_end = tl.minimum(full_end, (first // BLOCK_N) * BLOCK_N)
-        full_end = tl.minimum(full_end, hi)
-        return n_valid, full_end, hi
-
-    @triton.jit
-    def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base,
-                   stride_kn, stride_kd, stride_vn, stride_vd,
-                   offs_m, offs_d, lo, hi, n_valid, diag, Nk, qk_scale,
-                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
-        for start_n in range(lo, hi, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, Nk, HEAD_DIM, BLOCK_D, MASKED)
-            qk = _mm(q, tl.trans(k), DOT_PREC) * qk_scale
-            if MASKED or HAS_KPM:
-                vis = _visible(offs_m, offs_n, n_valid, diag, kpm_base, Nk, CAUSAL and MASKED, HAS_KPM)
-                qk = tl.where(vis, qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: no NaN
-            else:
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                m_ref = m_new
-            p = tl.math.exp2(qk - m_ref[:, None])
-            alpha = tl.math.exp2(m_i - m_ref)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, Nk, HEAD_DIM, BLOCK_D, MASKED)
-            acc = _mma(p.to(v.dtype), v, acc, DOT_PREC)
-            m_i = m_new
-        return acc, l_i, m_i
-
-    @triton.jit(do_not_specialize=_SEQ_ARGS)
-    def _attn_fwd(Q, K, V, O, LSE, KPM, KVL,
-                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                  sob, soh, som, sod, skpm_b,
-                  H, Nq, Nk, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
-        start_m = tl.program_id(0)
-        off_bh = tl.program_id(1)
-        off_b = off_bh // H
-        off_h = off_bh % H
-        q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
-        k_base = K + off_b.to(tl.int64) * skb + off_h.to(tl.int64) * skh
-        v_base = V + off_b.to(tl.int64) * svb + off_h.to(tl.int64) * svh
-        o_base = O + off_b.to(tl.int64) * sob + off_h.to(tl.int64) * soh
-        kpm_base = KPM + off_b.to(tl.int64) * skpm_b
-        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-
-        q = _load_rows(q_base, offs_m, offs_d, sqm, sqd, Nq, HEAD_DIM, BLOCK_D, True)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        n_valid, full_end, hi = _key_bounds(start_m, Nq, Nk, KVL, off_b, BLOCK_M, BLOCK_N, CAUSAL, HAS_KVLEN)
-        diag = Nk - Nq
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd,
-                                   offs_m, offs_d, 0, full_end, n_valid, diag, Nk, qk_scale,
-                                   BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, HAS_KPM, DOT_PREC)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, skn, skd, svn, svd,
-                                   offs_m, offs_d, full_end, hi, n_valid, diag, Nk, qk_scale,
-                                   BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, HAS_KPM, DOT_PREC)
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-        tl.store(LSE + off_bh.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
-        _store_rows(o_base, out.to(O.dtype.element_ty), offs_m, offs_d, som, sod, Nq, HEAD_DIM, BLOCK_D)
-
-    @triton.jit(do_not_specialize=("H", "Nq"))
-    def _attn_bwd_pre(O, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H, Nq,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-        start_m = tl.program_id(0)
-        off_bh = tl.program_id(1)
-        off_b = off_bh // H
-        off_h = off_bh % H
-        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        o = _load_rows(O + off_b.to(tl.int64) * sob + off_h.to(tl.int64) * soh,
-                       offs_m, offs_d, som, sod, Nq, HEAD_DIM, BLOCK_D, True)
-        do = _load_rows(DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh,
-                        offs_m, offs_d, sdom, sdod, Nq, HEAD_DIM, BLOCK_D, True)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-        tl.store(DELTA + off_bh.to(tl.int64) * Nq + offs_m, delta, mask=offs_m < Nq)
-
-    @triton.jit
-    def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                    sqm, sqd, sdom, sdod, offs_n, offs_d, lo, hi, Nq, diag, qk_scale,
-                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-        for start_m in range(lo, hi, BLOCK_M):
-            start_m = tl.multiple_of(start_m, BLOCK_M)
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _load_rows(q_base, offs_m, offs_d, sqm, sqd, Nq, HEAD_DIM, BLOCK_D, True)
-            do = _load_rows(do_base, offs_m, offs_d, sdom, sdod, Nq, HEAD_DIM, BLOCK_D, True)
-            # rows past Nq read lse=+inf, so their probabilities are exactly 0
-            lse = tl.load(lse_base + offs_m, mask=offs_m < Nq, other=float("inf"))
-            delta = tl.load(delta_base + offs_m, mask=offs_m < Nq, other=0.0)
-            qkT = _mm(k, tl.trans(q), DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-            pT = tl.math.exp2(qkT - lse[None, :])
-            if MASKED:  # causal diagonal blocks
-                pT = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pT, 0.0)
-            dv = _mma(pT.to(do.dtype), do, dv, DOT_PREC)
-            dpT = _mm(v, tl.trans(do), DOT_PREC)
-            dsT = pT * (dpT - delta[None, :])
-            dk = _mma(dsT.to(q.dtype), q, dk, DOT_PREC)
-        return dk, dv
-
-    @triton.jit
-    def _bwd_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KVL,
-                        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                        sdob, sdoh, sdom, sdod, skpm_b, off_b, off_h, off_bh, start_n,
-                        Nq, Nk, qk_scale, sm_scale,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
-                        DOT_PREC: tl.constexpr):
-        """dK, dV of keys [start_n, start_n + BLOCK_N): loop over the query blocks that see them."""
-        q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
-        do_base = DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh
-        lse_base = LSE + off_bh.to(tl.int64) * Nq
-        delta_base = DELTA + off_bh.to(tl.int64) * Nq
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        k = _load_rows(K + off_b.to(tl.int64) * skb + off_h.to(tl.int64) * skh,
-                       offs_n, offs_d, skn, skd, Nk, HEAD_DIM, BLOCK_D, True)
-        v = _load_rows(V + off_b.to(tl.int64) * svb + off_h.to(tl.int64) * svh,
-                       offs_n, offs_d, svn, svd, Nk, HEAD_DIM, BLOCK_D, True)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-        n_valid = Nk
-        if HAS_KVLEN:
-            n_valid = tl.minimum(tl.maximum(tl.load(KVL + off_b).to(tl.int32), 0), Nk)
-        hi = tl.where(start_n < n_valid, Nq, 0)  # a block of padding keys gets no gradient
-        full_lo = 0
-        diag = Nk - Nq
-        if CAUSAL:
-            # query i sees key j iff j <= i + diag: rows < start_n - diag see nothing of this block,
-            # rows >= start_n + BLOCK_N - 1 - diag see all of it
-            lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
-            full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
-            full_lo = tl.minimum(full_lo, hi)
-            lo = tl.minimum(lo, full_lo)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                 sqm, sqd, sdom, sdod, offs_n, offs_d, lo, full_lo, Nq, diag, qk_scale,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, DOT_PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                             sqm, sqd, sdom, sdod, offs_n, offs_d, full_lo, hi, Nq, diag, qk_scale,
-                             BLOCK_M, HEAD_DIM, BLOCK_D, False, DOT_PREC)
-        # A masked key never contributed, so its dk/dv rows are zero; other keys are unaffected
-        # (their probabilities use the saved lse), so masking once here is exact.
-        keep = offs_n < n_valid
-        if HAS_KPM:
-            keep = keep & (tl.load(KPM + off_b.to(tl.int64) * skpm_b + offs_n, mask=offs_n < Nk, other=0) != 0)
-        dk = tl.where(keep[:, None], dk * sm_scale, 0.0)
-        dv = tl.where(keep[:, None], dv, 0.0)
-        # DK/DV are allocated contiguous like K's [B, H, Nk, D] view
-        dkdv_off = off_bh.to(tl.int64) * Nk * HEAD_DIM
-        _store_rows(DK + dkdv_off, dk.to(DK.dtype.element_ty), offs_n, offs_d, HEAD_DIM, 1, Nk, HEAD_DIM, BLOCK_D)
-        _store_rows(DV + dkdv_off, dv.to(DV.dtype.element_ty), offs_n, offs_d, HEAD_DIM, 1, Nk, HEAD_DIM, BLOCK_D)
-
-    @triton.jit
-    def _dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd,
-                  offs_m, offs_d, lo, hi, n_valid, diag, Nk, qk_scale,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
-        for start_n in range(lo, hi, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_base, offs_n, offs_d, skn, skd, Nk, HEAD_DIM, BLOCK_D, MASKED)
-            v = _load_rows(v_base, offs_n, offs_d, svn, svd, Nk, HEAD_DIM, BLOCK_D, MASKED)
-            qk = _mm(q, tl.trans(k), DOT_PREC) * qk_scale
-            p = tl.math.exp2(qk - lse[:, None])
-            if MASKED or HAS_KPM:
-                vis = _visible(offs_m, offs_n, n_valid, diag, kpm_base, Nk, CAUSAL and MASKED, HAS_KPM)
-                p = tl.where(vis, p, 0.0)
-            dp = _mm(do, tl.trans(v), DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dq = _mma(ds.to(k.dtype), k, dq, DOT_PREC)
-        return dq
-
-    @triton.jit
-    def _bwd_dq_block(Q, K, V, DO, LSE, DELTA, DQ, KPM, KVL,
-                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                      sdob, sdoh, sdom, sdod, skpm_b, off_b, off_h, off_bh, start_m,
-                      Nq, Nk, qk_scale, sm_scale,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
-                      DOT_PREC: tl.constexpr):
-        """dQ of query block start_m: loop over the key blocks it sees."""
-        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        q = _load_rows(Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh,
-                       offs_m, offs_d, sqm, sqd, Nq, HEAD_DIM, BLOCK_D, True)
-        do = _load_rows(DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh,
-                        offs_m, offs_d, sdom, sdod, Nq, HEAD_DIM, BLOCK_D, True)
-        lse = tl.load(LSE + off_bh.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
-        delta = tl.load(DELTA + off_bh.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-        k_base = K + off_b.to(tl.int64) * skb + off_h.to(tl.int64) * skh
-        v_base = V + off_b.to(tl.int64) * svb + off_h.to(tl.int64) * svh
-        kpm_base = KPM + off_b.to(tl.int64) * skpm_b
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        n_valid, full_end, hi = _key_bounds(start_m, Nq, Nk, KVL, off_b, BLOCK_M, BLOCK_N, CAUSAL, HAS_KVLEN)
-        diag = Nk - Nq
-        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd,
-                       offs_m, offs_d, 0, full_end, n_valid, diag, Nk, qk_scale,
-                       BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, HAS_KPM, DOT_PREC)
-        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, skn, skd, svn, svd,
-                       offs_m, offs_d, full_end, hi, n_valid, diag, Nk, qk_scale,
-                       BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, HAS_KPM, DOT_PREC)
-        dq = dq * sm_scale
-        dq_off = off_bh.to(tl.int64) * Nq * HEAD_DIM
-        _store_rows(DQ + dq_off, dq.to(DQ.dtype.element_ty), offs_m, offs_d, HEAD_DIM, 1, Nq, HEAD_DIM, BLOCK_D)
-
-    @triton.jit(do_not_specialize=_SEQ_ARGS)
-    def _attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KPM, KVL,
-                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                  sdob, sdoh, sdom, sdod, skpm_b,
-                  H, Nq, Nk, qk_scale, sm_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
-                  BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
-                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
-        # One launch for the whole backward (after the delta preprocess), as in the Triton
-        # tutorial's fused backward: program i computes dK/dV of key block i, then dQ of query
-        # block i. No atomics (each output tile has one writer), deterministic.
-        pid = tl.program_id(0)
-        off_bh = tl.program_id(1)
-        off_b = off_bh // H
-        off_h = off_bh % H
-        if pid * BLOCK_N1 < Nk:
-            _bwd_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KVL,
-                            sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                            sdob, sdoh, sdom, sdod, skpm_b, off_b, off_h, off_bh, pid * BLOCK_N1,
-                            Nq, Nk, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1,
-                            CAUSAL, HAS_KPM, HAS_KVLEN, DOT_PREC)
-        if pid * BLOCK_M2 < Nq:
-            _bwd_dq_block(Q, K, V, DO, LSE, DELTA, DQ, KPM, KVL,
-                          sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                          sdob, sdoh, sdom, sdod, skpm_b, off_b, off_h, off_bh, pid,
-                          Nq, Nk, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2,
-                          CAUSAL, HAS_KPM, HAS_KVLEN, DOT_PREC)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,12 +88,12 @@ def _launch(stage, config, args, meta, nq, nk, bh):
     (triton.autotune's per-call bookkeeping over ~40 args is host time on every step)."""
     if stage == "fwd":
         bm, bn, warps, stages = config
-        _attn_fwd[(triton.cdiv(nq, bm), bh)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+        kernels._attn_fwd[(triton.cdiv(nq, bm), bh)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
                                              num_warps=warps, num_stages=stages)
         return
     m1, n1, m2, n2, warps, stages = config
     grid = (max(triton.cdiv(nk, n1), triton.cdiv(nq, m2)), bh)
-    _attn_bwd[grid](*args, **meta, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2,
+    kernels._attn_bwd[grid](*args, **meta, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2,
                     num_warps=warps, num_stages=stages)
 
 
@@ -510,7 +179,7 @@ def _backward(do, q, k, v, o, lse, causal, kpm, kvl, scale, configs):
     meta = _meta(q, causal, kpm, kvl)
     if Nq:
         block = _INTERPRET_CONFIG["fwd"][0] if INTERPRET else _PRE_BLOCK
-        _attn_bwd_pre[(triton.cdiv(Nq, block), B * H)](
+        kernels._attn_bwd_pre[(triton.cdiv(Nq, block), B * H)](
             o, do, delta, *o.stride(), *do.stride(), H, Nq,
             HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
     kpm_t = kpm if kpm is not None else lse
