@@ -87,6 +87,29 @@ def test_presentation_lut_inverse_flips_the_display(plain, tmp_path):
     assert np.corrcoef(both[:, 60:-60].ravel(), _gray(ref.jpeg)[:, 60:-60].ravel())[0, 1] < -0.9
 
 
+def test_unusable_window_falls_back_to_the_stored_range(plain, tmp_path):
+    d, _ = plain
+    base = radiograph(330, 270, seed=7).astype(np.float32) / 255 * 4095
+    write_dicom(tmp_path / "none.dcm", base)  # no window at all: the stored range
+    ref = process_image((tmp_path / "none.dcm").read_bytes())
+    assert ref.warnings == ["dicom_no_voi"]
+    # a window for other data (all values below it: all black), and a width of 0 (invalid)
+    for i, window in enumerate([(30000, 2000), (2048, 0)]):
+        write_dicom(tmp_path / f"w{i}.dcm", base, window=window)
+        out = process_image((tmp_path / f"w{i}.dcm").read_bytes())
+        assert out.jpeg == ref.jpeg and out.warnings == ["dicom_window_ignored"], window
+    # a window that overlaps the data is the radiologist's: kept even if it saturates a lot
+    write_dicom(tmp_path / "narrow.dcm", base, window=(3200, 100))
+    out = process_image((tmp_path / "narrow.dcm").read_bytes())
+    assert out.warnings == [] and out.jpeg != ref.jpeg
+    # a flat image stays a blank reject: its window covers it, nothing is stretched
+    flat = np.full((330, 270), 2000.0) + np.random.default_rng(0).integers(0, 3, (330, 270))
+    write_dicom(tmp_path / "flat.dcm", flat, window=(2048, 4096))
+    with pytest.raises(ImageError) as e:
+        process_image((tmp_path / "flat.dcm").read_bytes())
+    assert e.value.reason == "image_blank"
+
+
 def _bare(ds, *, implicit: bool, with_meta: bool) -> bytes:
     """The dataset without preamble/DICM, optionally led by its group-0002 meta elements."""
     fp = DicomBytesIO()

@@ -120,20 +120,15 @@ def _gdcm_file_pixels(data: bytes) -> np.ndarray:
 
 
 def _grayscale(ds, px: np.ndarray, warnings: list[str]) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut
 
     arr = apply_modality_lut(px, ds).astype(np.float32)
-    window = _linear_window(ds)
-    if window is not None:
-        # DICOM PS3.3 C.11.2.1.2 linear window, mapped straight to 0..1 (not re-stretched, so
-        # the window the radiologist's display would use is exactly what we keep)
-        c, w = window
-        out = np.round(np.clip((arr - (c - 0.5)) / max(w - 1.0, 1.0) + 0.5, 0, 1) * 255)
-        out = out.astype(np.uint8)
-    elif "VOILUTSequence" in ds or "WindowCenter" in ds:  # LUT or SIGMOID: pydicom does it
-        out = to_uint8(apply_voi_lut(arr, ds, index=0))
-    else:
-        warnings.append("dicom_no_voi")  # no window given: the stored range is used
+    has_voi = "VOILUTSequence" in ds or "WindowCenter" in ds
+    out = _voi(ds, arr) if has_voi else None
+    if out is None:
+        # no VOI, or an unusable one (width < 1, unreadable LUT, a window that misses the data):
+        # the stored range is used, and the sample is counted
+        warnings.append("dicom_window_ignored" if has_voi else "dicom_no_voi")
         out = to_uint8(arr)
     # MONOCHROME1 stores bone dark; a Presentation LUT Shape INVERSE (some CR vendors) flips the
     # display once more; both together cancel. Training data has bone bright.
@@ -142,6 +137,29 @@ def _grayscale(ds, px: np.ndarray, warnings: list[str]) -> np.ndarray:
         inverted = not inverted
         warnings.append("dicom_presentation_inverse")
     return 255 - out if inverted else out
+
+
+def _voi(ds, arr: np.ndarray) -> np.ndarray | None:
+    """The VOI LUT / window output as uint8, or None if the file's VOI cannot be used."""
+    from pydicom.pixels import apply_voi_lut
+
+    window = _linear_window(ds)
+    if window is not None:
+        c, w = window
+        if not (np.isfinite(c) and np.isfinite(w) and w >= 1):  # PS3.3 C.11.2.1.2: width >= 1
+            return None
+        lo, hi = c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
+        p1, p99 = np.percentile(arr[::8, ::8], (1, 99))  # a subsample: cheap next to the decode
+        if p99 < lo or p1 > hi:  # the window lies wholly outside the data (made for other
+            return None          # data, e.g. a 12-bit window on 16-bit values): all black/white
+        # DICOM PS3.3 C.11.2.1.2 linear window, mapped straight to 0..1 (not re-stretched, so
+        # the window the radiologist's display would use is exactly what we keep)
+        out = np.clip((arr - (c - 0.5)) / max(w - 1.0, 1.0) + 0.5, 0, 1) * 255
+        return np.round(out).astype(np.uint8)
+    try:  # VOI LUT sequence or a SIGMOID window: pydicom implements them
+        return to_uint8(apply_voi_lut(arr, ds, index=0))
+    except (ValueError, TypeError, IndexError, AttributeError, KeyError):
+        return None
 
 
 def _int(value) -> int:
