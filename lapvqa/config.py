@@ -86,7 +86,10 @@ class TrainSection:
     zero_stage: int = 2
     max_nonfinite_in_row: int = 5  # abort after this many consecutive non-finite steps
     grad_checkpointing: bool = False  # recompute encoder/decoder activations in backward
-    compile: bool = False  # CUDA: regional torch.compile of each block (ignored on CPU)
+    compile: bool = False  # regional torch.compile of each block (inductor: CUDA only, see below)
+    # inductor on CUDA; aot_eager traces the same graphs (dynamo + AOTAutograd, eager kernels) and
+    # runs anywhere: a cheap check that a config compiles under DeepSpeed before GPU time is spent
+    compile_backend: str = "inductor"
     optimizer_impl: str = "torch"  # torch: torch AdamW (fused kernel on CUDA) | fused: DeepSpeed FusedAdam
 
 
@@ -131,7 +134,8 @@ class Config:
 
 
 _CHOICES = {("run", "resume"): ("auto", "never"), ("train", "precision"): ("bf16", "fp32", "auto"),
-            ("train", "zero_stage"): (1, 2), ("train", "optimizer_impl"): ("torch", "fused")}
+            ("train", "zero_stage"): (1, 2), ("train", "optimizer_impl"): ("torch", "fused"),
+            ("train", "compile_backend"): ("inductor", "aot_eager")}
 
 
 def _sections(obj) -> dict[str, type]:

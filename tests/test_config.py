@@ -123,19 +123,24 @@ def test_deepspeed_config_cpu_unchanged_and_cuda_tuned():
         load_config(REPO / "configs" / "tiny.yaml", ["--train.optimizer_impl=apex"])
 
 
-def test_compile_is_ignored_on_cpu():
+def test_compile_is_ignored_on_cpu_with_inductor():
     from lapvqa.train.engine import maybe_compile
     import torch
     calls = []
 
     class Model:
-        def compile_blocks(self):
-            calls.append(1)
+        def compile_blocks(self, **kw):
+            calls.append(kw["backend"])
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["--train.compile=true"])
     maybe_compile(cfg, Model(), torch.device("cpu"))
     assert calls == []
     maybe_compile(cfg, Model(), torch.device("cuda"))  # compile_blocks is lazy: no GPU needed
-    assert calls == [1]
+    assert calls == ["inductor"]
+    cfg.train.compile_backend = "aot_eager"  # traces only: honoured on CPU too
+    maybe_compile(cfg, Model(), torch.device("cpu"))
+    assert calls == ["inductor", "aot_eager"]
     cfg.train.compile = False
     maybe_compile(cfg, Model(), torch.device("cuda"))
-    assert calls == [1]
+    assert calls == ["inductor", "aot_eager"]
+    with pytest.raises(ConfigError, match="inductor, aot_eager"):
+        load_config(REPO / "configs" / "tiny.yaml", ["--train.compile_backend=cudagraph"])

@@ -53,14 +53,18 @@ def resolve_precision(cfg: Config, device: torch.device) -> None:
 def maybe_compile(cfg: Config, model, device: torch.device) -> None:
     """train.compile: regional torch.compile of every block (CaptioningModel.compile_blocks), in
     place and before deepspeed.initialize, so parameter names and checkpoints are unchanged.
-    CUDA only: Inductor's CPU backend compiles for minutes and buys nothing for CPU smoke runs."""
+    Inductor runs on CUDA only: its CPU backend compiles for minutes and buys nothing for CPU
+    smoke runs; train.compile_backend=aot_eager traces the same graphs on any device."""
     if not cfg.train.compile:
         return
-    if device.type != "cuda":
-        log.info("train.compile=true ignored on %s (regional compile is used on CUDA only)", device.type)
+    backend = cfg.train.compile_backend
+    if device.type != "cuda" and backend == "inductor":
+        log.info("train.compile=true ignored on %s with the inductor backend (regional compile is "
+                 "used on CUDA; train.compile_backend=aot_eager checks the graphs here)", device.type)
         return
-    log.info("train.compile: torch.compile of each encoder/decoder block (first steps compile)")
-    model.compile_blocks()
+    log.info("train.compile: torch.compile(backend=%s) of each encoder/decoder block "
+             "(first steps compile)", backend)
+    model.compile_blocks(backend=backend)
 
 
 def build_engine(cfg: Config, model, info):
