@@ -31,7 +31,7 @@ from PIL import Image
 from lapvqa import textmetrics
 from lapvqa.data.manifest import DataError, load_manifest
 from lapvqa.release import artifacts
-from lapvqa.shard.images import ImageError, process_image
+from lapvqa.shard.images import ImageError, MissingCodecError, process_image
 from lapvqa.tokenizer import decode
 
 log = logging.getLogger("lapvqa.generate")
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = GenerateConfig(**vars(args))
     try:
         result = run_generate(cfg)
-    except (artifacts.ReleaseError, DataError) as exc:
+    except (artifacts.ReleaseError, DataError, MissingCodecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{result['rows']} reports -> {cfg.out}"

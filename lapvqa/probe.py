@@ -26,7 +26,7 @@ import simplejpeg
 
 from lapvqa import probe_data
 from lapvqa.release import artifacts
-from lapvqa.shard.images import ImageError, process_image
+from lapvqa.shard.images import ImageError, MissingCodecError, process_image
 
 log = logging.getLogger("lapvqa.probe")
 FEATURE_VERSION = 2  # bump when the pooling or the image preprocessing changes
@@ -67,6 +67,9 @@ def load_image(path: str, size: int) -> np.ndarray:
     return simplejpeg.decode_jpeg(jpeg, colorspace="GRAY")[:, :, 0].copy()
 
 
+_MISSING_CODEC = "missing_codec: "
+
+
 class _Images(torch.utils.data.Dataset):
     def __init__(self, paths: list[str], size: int):
         self.paths, self.size = paths, size
@@ -77,9 +80,12 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             return torch.from_numpy(load_image(self.paths[i], self.size))[None], ""
-        except (OSError, ImageError) as exc:  # counted and reported by reason, never fatal
-            log.warning("image rejected %s: %s", self.paths[i], exc)
+        except (OSError, ImageError, MissingCodecError) as exc:  # counted by reason, never fatal
             reason = getattr(exc, "reason", "image_unreadable")
+            if isinstance(exc, MissingCodecError):  # raised again in the main process: a worker's
+                reason = _MISSING_CODEC + str(exc)   # exception would arrive as a traceback
+            else:
+                log.warning("image rejected %s: %s", self.paths[i], exc)
             return torch.zeros(1, self.size, self.size, dtype=torch.uint8), reason
 
 
@@ -107,6 +113,9 @@ def extract_features(encoder, paths: list[str], size: int, *, batch_size: int = 
             tokens = encoder(images)  # [B, 256, C]
         feats.append(tokens.float().mean(dim=1).cpu().numpy())
         reasons.extend(why)
+        missing = [r for r in why if r.startswith(_MISSING_CODEC)]
+        if missing:  # every file of that kind would fail: stop, as the sharder does
+            raise MissingCodecError(missing[0][len(_MISSING_CODEC):])
     return np.concatenate(feats).astype(np.float32), np.asarray(reasons, dtype=str)
 
 
@@ -256,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ProbeConfig(**{k: v for k, v in vars(args).items()})
     try:
         result = run_probe(cfg)
-    except (probe_data.ProbeDataError, artifacts.ReleaseError) as exc:
+    except (probe_data.ProbeDataError, artifacts.ReleaseError, MissingCodecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_table(result))

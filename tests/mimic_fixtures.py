@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["MimicTree", "write_mimic_jpg_tree", "write_mimic_dicom_tree", "radiograph",
-           "REPORTS", "ALL_FAULTS", "write_dicom", "compress_dicom", "COMPRESSED_SYNTAXES", "CHEXPERT"]
+           "REPORTS", "ALL_FAULTS", "write_dicom", "compress_dicom", "COMPRESSED_SYNTAXES", "HTJ2K", "relabelled_dicom", "htj2k_decodable", "CHEXPERT"]
 
 CHEXPERT = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
             "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion",
@@ -287,6 +287,32 @@ def compress_dicom(src: Path, dst: Path, syntax: str) -> None:
     writer.SetFile(reader.GetFile())
     writer.SetImage(change.GetOutput())
     assert writer.Write(), dst
+
+
+HTJ2K = "1.2.840.10008.1.2.4.201"  # python-gdcm cannot decode it; pylibjpeg-openjpeg (not a dependency) can
+
+
+def relabelled_dicom(path: Path, uid: str = HTJ2K) -> bytes:
+    """The DICOM at ``path`` relabelled as transfer syntax ``uid`` (23 characters) with one
+    meaningless encapsulated fragment. Written as HTJ2K and patched: pydicom refuses to write a
+    syntax it does not know."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = HTJ2K
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert len(uid) == 23 and buf.getvalue().count(HTJ2K.encode()) == 1
+    return buf.getvalue().replace(HTJ2K.encode(), uid.encode())
+
+
+def htj2k_decodable() -> bool:
+    """Whether this environment has an HTJ2K decoder (then the missing-decoder tests cannot run)."""
+    from pydicom.pixels import get_decoder
+
+    return get_decoder(HTJ2K).is_available
 
 
 def write_mimic_dicom_tree(root, n_studies: int = 4, *, seed: int = 1, with_jpg_csvs: bool = True,

@@ -16,6 +16,8 @@ from lapvqa import generate, textmetrics
 from lapvqa.shard.images import encode_gray_jpeg
 from lapvqa.shard.writer import tar_bytes
 from lapvqa.tokenizer import decode, encode
+from mimic_fixtures import (compress_dicom, htj2k_decodable, radiograph, relabelled_dicom,
+                            write_dicom)
 from release_helpers import make_release
 from s3_fixtures import moto_endpoint, moto_s3  # noqa: F401  (pytest fixtures)
 
@@ -134,6 +136,25 @@ def test_generate_from_image_files(tmp_path, release, capsys):
     assert all(r["reference"] is None for r in rows)
     printed = capsys.readouterr().out
     assert "1 inputs rejected" in printed and "BLEU" not in printed
+
+
+def test_generate_from_dicom_files_and_a_missing_decoder(tmp_path, release, capsys):
+    rel, _ = release
+    write_dicom(tmp_path / "plain.dcm", radiograph(300, 260).astype(np.float32) * 16, window=(2048, 4096))
+    compress_dicom(tmp_path / "plain.dcm", tmp_path / "jll.dcm", "jpeg_lossless")
+    out = tmp_path / "r.jsonl"
+    rc = generate.main(["--release", rel, "--out", str(out), "--max-new-tokens", "3", "--device",
+                        "cpu", str(tmp_path / "plain.dcm"), str(tmp_path / "jll.dcm")])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rc == 0 and [r["dicom_id"] for r in rows] == ["plain", "jll"]
+    assert rows[0]["generated"] == rows[1]["generated"]  # lossless: the same pixels, same report
+    if htj2k_decodable():
+        return
+    (tmp_path / "htj2k.dcm").write_bytes(relabelled_dicom(tmp_path / "plain.dcm"))
+    capsys.readouterr()
+    rc = generate.main(["--release", rel, "--out", str(out), "--device", "cpu", str(tmp_path / "htj2k.dcm")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: DICOM transfer syntax 1.2.840.10008.1.2.4.201")
 
 
 def test_generate_refuses_bad_input(tmp_path, release, capsys):

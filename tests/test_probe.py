@@ -18,6 +18,7 @@ from PIL import Image
 
 from lapvqa import probe, probe_data
 from lapvqa.probe_data import CHEXPERT_CLASSES, NIH_CLASSES
+from mimic_fixtures import htj2k_decodable, radiograph, relabelled_dicom, write_dicom
 from release_helpers import make_release
 
 N_TRAIN, N_TEST = 48, 32
@@ -218,3 +219,20 @@ def test_cli_refuses_bad_root(tmp_path, release, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "Data_Entry_2017" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(120)
+def test_missing_dicom_decoder_stops_with_one_line_from_a_worker(tmp_path, release, capsys):
+    """An image needing a decoder this environment lacks (raised in a DataLoader worker) ends
+    the probe with the one-line reason, like the sharder, not a worker traceback."""
+    if htj2k_decodable():
+        pytest.skip("an HTJ2K decoder is installed here")
+    make_nih(tmp_path / "nih", True, missing=0, corrupt=False)
+    write_dicom(tmp_path / "x.dcm", radiograph(300, 260).astype(np.float32) * 16)
+    victim = sorted((tmp_path / "nih").rglob("*.png"))[0]
+    victim.write_bytes(relabelled_dicom(tmp_path / "x.dcm"))  # content decides, not the name
+    rc = probe.main(["--release", release, "--dataset", "nih", "--root", str(tmp_path / "nih"),
+                     "--cache-dir", str(tmp_path / "cache"), "--num-workers", "1", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: DICOM transfer syntax 1.2.840.10008.1.2.4.201")
+    assert "pylibjpeg-openjpeg" in err[-1] and not any("Traceback" in line for line in err)

@@ -15,7 +15,8 @@ import webdataset as wds
 from lapvqa.shard import main
 from lapvqa.shard.inputs import CHEXPERT_LABELS
 from lapvqa.tokenizer import encode
-from mimic_fixtures import ALL_FAULTS, output_digest, write_mimic_dicom_tree, write_mimic_jpg_tree
+from mimic_fixtures import (ALL_FAULTS, htj2k_decodable, output_digest, relabelled_dicom,
+                            write_mimic_dicom_tree, write_mimic_jpg_tree)
 
 SPS = ["--samples-per-shard", "3", "--no-progress"]
 
@@ -218,21 +219,11 @@ def test_dicom_root_with_and_without_jpg_csvs(tmp_path, capsys):
 
 @pytest.mark.timeout(120)
 def test_missing_dicom_codec_stops_the_run_with_one_line(tmp_path, capsys):
-    import pydicom
-    from pydicom.encaps import encapsulate
-
+    if htj2k_decodable():
+        pytest.skip("an HTJ2K decoder is installed here")
     tree = write_mimic_dicom_tree(tmp_path / "d", n_studies=2)
     path = next(tree.images_root.rglob("*.dcm"))
-    ds = pydicom.dcmread(path)
-    # HTJ2K: python-gdcm (a dependency) cannot decode it, pylibjpeg-openjpeg (not one) can
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"
-    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
-    ds.save_as(path, enforce_file_format=True)
-    try:
-        import openjpeg  # noqa: F401
-        pytest.skip("pylibjpeg-openjpeg is installed here: HTJ2K has a decoder")
-    except ImportError:
-        pass
+    path.write_bytes(relabelled_dicom(path))  # HTJ2K: python-gdcm (a dependency) cannot decode it
     rc = main(["--images", str(tree.images_root), "--reports", str(tree.reports_dir),
                "--metadata", str(tree.metadata_dir), "--out", str(tmp_path / "o"),
                "--workers", "1", "--no-progress"])

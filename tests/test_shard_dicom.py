@@ -15,7 +15,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 
 from lapvqa.shard.images import ImageError, process_image
-from mimic_fixtures import COMPRESSED_SYNTAXES, compress_dicom, radiograph, write_dicom
+from mimic_fixtures import COMPRESSED_SYNTAXES, compress_dicom, radiograph, relabelled_dicom, write_dicom
 
 LOSSLESS = ("jpeg_lossless", "jpeg_ls", "jpeg2000_lossless", "rle")
 
@@ -170,22 +170,10 @@ def test_colour_capture_to_luminance_and_multiframe_rejected(plain, tmp_path):
     assert e.value.reason == "image_unsupported" and "multi-frame" in e.value.detail
 
 
-def _with_syntax(path, uid: str) -> bytes:
-    """The file relabelled as ``uid`` (23 characters) with one meaningless encapsulated fragment.
-    Written as HTJ2K and patched: pydicom refuses to write a syntax it does not know."""
-    ds = pydicom.dcmread(path)
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"
-    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    assert len(uid) == 23 and buf.getvalue().count(b"1.2.840.10008.1.2.4.201") == 1
-    return buf.getvalue().replace(b"1.2.840.10008.1.2.4.201", uid.encode())
-
-
 def test_syntax_without_any_decoder_is_a_reject(plain):
     d, _ = plain
     with pytest.raises(ImageError) as e:  # JPEG XL: pydicom has no decoder at all (nothing to install)
-        process_image(_with_syntax(d / "plain.dcm", "1.2.840.10008.1.2.4.110"))
+        process_image(relabelled_dicom(d / "plain.dcm", "1.2.840.10008.1.2.4.110"))
     assert e.value.reason == "image_unsupported" and "1.2.840.10008.1.2.4.110" in e.value.detail
 
 
