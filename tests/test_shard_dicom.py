@@ -161,6 +161,23 @@ def test_colour_capture_to_luminance_and_multiframe_rejected(plain, tmp_path):
     ds.save_as(tmp_path / "g8.dcm", enforce_file_format=True)
     ref = process_image((tmp_path / "g8.dcm").read_bytes())  # the same film stored as gray
     assert np.abs(_gray(out.jpeg) - _gray(ref.jpeg)).max() <= 2
+    # the same film as PALETTE COLOR, with an inverting gray palette: the palette must be applied
+    pal = pydicom.dcmread(tmp_path / "g8.dcm")
+    pal.PhotometricInterpretation = "PALETTE COLOR"
+    for c in ("Red", "Green", "Blue"):
+        setattr(pal, f"{c}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        pal[f"{c}PaletteColorLookupTableDescriptor"].VR = "US"
+        setattr(pal, f"{c}PaletteColorLookupTableData", ((255 - np.arange(256, dtype=np.uint16)) * 257).tobytes())
+    pal.save_as(tmp_path / "pal.dcm", enforce_file_format=True)
+    out = process_image((tmp_path / "pal.dcm").read_bytes())
+    assert out.warnings == ["dicom_color"]
+    inner = (slice(None), slice(40, -40))  # inside the padding columns
+    assert np.abs(_gray(out.jpeg)[inner] - (255 - _gray(ref.jpeg)[inner])).mean() < 1.5  # q95 JPEG
+    del pal.RedPaletteColorLookupTableData  # a palette without its table: a clear reject
+    pal.save_as(tmp_path / "pal2.dcm", enforce_file_format=True)
+    with pytest.raises(ImageError) as e:
+        process_image((tmp_path / "pal2.dcm").read_bytes())
+    assert e.value.reason == "image_unsupported" and "PALETTE" in e.value.detail
     ds = pydicom.dcmread(d / "plain.dcm")
     ds.NumberOfFrames = 2
     ds.PixelData = ds.PixelData * 2

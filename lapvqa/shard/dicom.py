@@ -9,7 +9,8 @@ Real archives are less tidy than the standard's happy path, so this also takes:
 * files without the 128-byte preamble and ``DICM`` marker (bare datasets from older PACS exports);
 * a file meta header without a Transfer Syntax UID: for native (uncompressed) pixel data it is
   the encoding the dataset was read with, recorded as a warning; encapsulated data is rejected;
-* colour (RGB / YBR) secondary captures of films: converted to luminance, with a warning.
+* colour (RGB / YBR / PALETTE COLOR) secondary captures of films: converted to luminance, with a
+  warning.
 
 Multi-frame images are rejected: which frame is "the" radiograph is not knowable here.
 """
@@ -41,13 +42,29 @@ def decode_dicom(data: bytes) -> tuple[np.ndarray, tuple[int, int], list[str]]:
         raise ImageError("image_unsupported", f"multi-frame DICOM ({frames} frames)")
     _ensure_transfer_syntax(ds, warnings)
     px = _pixels(ds, data)
-    if px.ndim == 3 and _int(ds.get("SamplesPerPixel", 1)) == 3:  # pydicom gives RGB (YBR converted)
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR":
+        px = _palette_to_rgb(ds, px)
+    if px.ndim == 3 and px.shape[-1] == 3:  # pydicom gives RGB (YBR converted)
         warnings.append("dicom_color")
-        out = to_uint8(px.astype(np.float32) @ _LUMA)
-        return out, (px.shape[0], px.shape[1]), warnings
+        return _luminance(px), (px.shape[0], px.shape[1]), warnings
     if px.ndim != 2:
         raise ImageError("image_unsupported", f"DICOM pixel array of shape {px.shape}")
     return _grayscale(ds, px, warnings), (px.shape[0], px.shape[1]), warnings
+
+
+def _palette_to_rgb(ds, px: np.ndarray) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut
+
+    try:
+        return apply_color_lut(px, ds)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise ImageError("image_unsupported", f"DICOM PALETTE COLOR without a usable LUT: {e}") from None
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """Colour (a scanned film, a screenshot) -> gray, stretched by its range as a grayscale DICOM
+    without a window is (colour data carries no VOI)."""
+    return to_uint8(rgb.astype(np.float32) @ _LUMA)
 
 
 def _ensure_transfer_syntax(ds, warnings: list[str]) -> None:
