@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -84,8 +83,15 @@ def _make_inputs(c: Case, device, dtype):
 
 
 def _backend_fn(name: str, c: Case, kpm):
-    if name == "triton":
-        return lambda q, k, v: flash_attn.flash_attention(q, k, v, causal=c.causal, key_padding_mask=kpm)
+    if name.startswith("triton"):
+        # triton: the tuner may pick the atomic-dQ backward; triton_det: the deterministic one
+        det = "1" if name == "triton_det" else "0"
+
+        def kernel(q, k, v):
+            # read when the backward runs (in autograd.grad, after this returns): left set
+            os.environ["LAPVQA_ATTENTION_DETERMINISTIC"] = det
+            return flash_attn.flash_attention(q, k, v, causal=c.causal, key_padding_mask=kpm)
+        return kernel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -133,14 +139,15 @@ def bench_case(c: Case, backends, device, dtype, emit):
         if device.type == "cuda":
             torch.cuda.synchronize()
     for mode in ("fwd", "fwd_bwd"):
-        sdpa_ms = [r["ms"] for r in rows if r["mode"] == mode and r["backend"] != "triton" and r["ms"]]
+        sdpa_ms = [r["ms"] for r in rows
+                   if r["mode"] == mode and not r["backend"].startswith("triton") and r["ms"]]
         best = min(sdpa_ms) if sdpa_ms else None
         for r in rows:
             if r["mode"] == mode:
                 r["best_sdpa_ms"] = best
                 r["speedup_vs_best_sdpa"] = best / r["ms"] if best and r["ms"] else None
     # accuracy reference: the math backend, else the first SDPA backend that ran
-    ref = outs.get("math", next((o for n, o in outs.items() if n != "triton"), None))
+    ref = outs.get("math", next((o for n, o in outs.items() if not n.startswith("triton")), None))
     for r in rows:
         out = outs.get(r["backend"])
         if out is not None and ref is not None:
@@ -200,7 +207,7 @@ def main(argv=None) -> int:
     if args.cases:
         wanted = set(args.cases.split(","))
         cases = tuple(c for c in cases if c.name in wanted)
-    backends = (("triton",) if flash_attn.AVAILABLE else ()) + SDPA_BACKENDS
+    backends = (("triton", "triton_det") if flash_attn.AVAILABLE else ()) + SDPA_BACKENDS
     out = open(args.out, "a") if args.out else None
     env = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                torch=torch.__version__, autotune=flash_attn.autotune_enabled())
@@ -221,6 +228,9 @@ def main(argv=None) -> int:
         t0 = time.time()
         all_rows += bench_case(c, backends, device, dtype, emit)
         print(f"# {c.name}: {time.time() - t0:.1f}s (incl. autotuning)", flush=True)
+        if flash_attn.AVAILABLE:  # which launch configs the tuner chose (atomic dQ: BLOCK_M2 = 0)
+            print(f"# tuned so far: {sorted((str(k[:3]), k[5], v) for k, v in flash_attn._TUNED.items())}",
+                  flush=True)
     print("# suggested AUTO_KERNEL_RULES (lapvqa/ops/attention.py):")
     for line in suggested_rules(all_rows) or ["# (none: the kernel did not win any case)"]:
         print("    " + line)

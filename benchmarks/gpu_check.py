@@ -9,7 +9,8 @@
    SDPA math in fp32, so the autotuner can never pick a broken config (this also fills triton's
    compile cache for benchmarks/attention.py);
 3. the autotuned path through the dispatcher (LAPVQA_ATTENTION=triton) at the ViT shape, and
-   bitwise determinism of forward+backward (no atomics);
+   bitwise determinism of forward+backward with LAPVQA_ATTENTION_DETERMINISTIC=1 (the fused
+   backward, no atomics; the chosen configs are printed);
 4. the dispatcher's kernel inside torch.compile (inductor, fullgraph=True) against eager.
 Errors are max|x - ref| / max|ref| per tensor; the bound scales with the input dtype and is also
 checked against SDPA's own error in that dtype (the kernel may not be much worse than SDPA).
@@ -107,6 +108,11 @@ def mode_sweep():
     for d in (80, 128):  # padded (non-power-of-two) head dim; the wide-head config
         yield f"causal_200/d{d}", (2, 3, 200, 200, d, torch.bfloat16, {"causal": True}), {}
     yield "strided_qkv_causal", (2, 3, 200, 200, 64, torch.bfloat16, {"causal": True}), {"strided": True}
+    # the atomic-dQ backward's own key-mask path (padding keys must add nothing to dQ)
+    atomic = {"bwd": next(c for c in flash_attn.BWD_CONFIGS if flash_attn.atomic_dq(c))}
+    for name in ("kpm_77x200_fully_masked", "kv_lens_causal", "causal_77x200"):
+        B, H, nq, nk, kw = modes[name]
+        yield f"{name}/atomic_dq", (B, H, nq, nk, 64, torch.bfloat16, kw), {"configs": atomic}
 
 
 def config_sweep():
@@ -129,9 +135,15 @@ def autotuned_checks(emit):
                      ref="fp32")
     emit(rec)
     q, k, v, do = _inputs(4, 16, 729, 729, 64, torch.bfloat16, strided=True)
-    runs = [_grads(dispatch.attention, q, k, v, do) for _ in range(2)]
+    # the atomic-dQ backward may win the tuning: determinism is what the switch promises
+    os.environ["LAPVQA_ATTENTION_DETERMINISTIC"] = "1"
+    try:
+        runs = [_grads(dispatch.attention, q, k, v, do) for _ in range(2)]
+    finally:
+        del os.environ["LAPVQA_ATTENTION_DETERMINISTIC"]
     same = all(torch.equal(a, b) for a, b in zip(*runs))
-    emit(dict(check="deterministic_fwd_bwd", ok=same))
+    emit(dict(check="deterministic_fwd_bwd (LAPVQA_ATTENTION_DETERMINISTIC=1)", ok=same,
+              tuned={str(k_[:3]): v_ for k_, v_ in flash_attn._TUNED.items()}))
 
 
 def compiled_check(emit):

@@ -45,9 +45,16 @@ def _grads(fn, q, k, v, do, **kw):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _check(nq, nk, d, atol=2e-5, **kw):
+# the two backward kernels: fused dK/dV + dQ passes (default) and atomic dQ (FlashAttention-2)
+BWD = {"fused": None, "atomic": flash_attn.INTERPRET_ATOMIC_BWD if flash_attn.AVAILABLE else None}
+
+
+def _check(nq, nk, d, atol=2e-5, bwd="fused", **kw):
     q, k, v, do = _inputs(nq, nk, d)
+    if BWD[bwd] is not None:
+        kw["configs"] = {"bwd": BWD[bwd]}
     got = _grads(flash_attn.flash_attention, q, k, v, do, **kw)
+    kw.pop("configs", None)
     want = _grads(reference_attention, *(t.double() for t in (q, k, v, do)), **kw)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert torch.isfinite(g).all(), name
@@ -70,31 +77,35 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("bwd", BWD)
 @pytest.mark.parametrize("name", CASES)
-def test_matches_reference(name):
+def test_matches_reference(name, bwd):
     nq, nk, d, kw = CASES[name]
-    _check(nq, nk, d, **kw)
+    _check(nq, nk, d, bwd=bwd, **kw)
 
 
-def test_key_padding_mask_and_fully_masked_rows():
+@pytest.mark.parametrize("bwd", BWD)
+def test_key_padding_mask_and_fully_masked_rows(bwd):
     kpm = torch.rand(B, 70, generator=torch.Generator().manual_seed(1)) > 0.4
     kpm[1] = False  # batch 1: no key at all -> zero output, zero grads
-    (out, dq, dk, dv), _ = _check(33, 70, 32, key_padding_mask=kpm)
+    (out, dq, dk, dv), _ = _check(33, 70, 32, bwd=bwd, key_padding_mask=kpm)
     assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
     assert (dk[0][:, ~kpm[0]] == 0).all() and (dv[0][:, ~kpm[0]] == 0).all()
 
 
+@pytest.mark.parametrize("bwd", BWD)
 @pytest.mark.parametrize("causal", [False, True])
-def test_kv_lens(causal):
+def test_kv_lens(causal, bwd):
     lens = torch.tensor([0, 37])
-    (out, dq, dk, dv), _ = _check(33, 70, 32, causal=causal, kv_lens=lens)
+    (out, dq, dk, dv), _ = _check(33, 70, 32, bwd=bwd, causal=causal, kv_lens=lens)
     assert (out[0] == 0).all() and (dq[0] == 0).all() and (dk[1, :, 37:] == 0).all()
 
 
-def test_kv_lens_and_mask_together_with_causal():
+@pytest.mark.parametrize("bwd", BWD)
+def test_kv_lens_and_mask_together_with_causal(bwd):
     kpm = torch.ones(B, 33, dtype=torch.bool)
     kpm[:, 3] = False
-    _check(17, 33, 32, causal=True, key_padding_mask=kpm, kv_lens=torch.tensor([20, 33]))
+    _check(17, 33, 32, bwd=bwd, causal=True, key_padding_mask=kpm, kv_lens=torch.tensor([20, 33]))
 
 
 def test_kv_lens_equals_prefix_mask():
@@ -119,20 +130,38 @@ def test_strided_views_from_fused_qkv():
         torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bwd", BWD)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs(dtype):
+def test_half_precision_inputs(dtype, bwd):
     q, k, v, do = _inputs(17, 33, 32, dtype=dtype)
-    got = _grads(flash_attn.flash_attention, q, k, v, do, causal=True)
+    configs = {"bwd": BWD[bwd]} if BWD[bwd] else None
+    got = _grads(flash_attn.flash_attention, q, k, v, do, causal=True, configs=configs)
     want = _grads(reference_attention, *(t.double() for t in (q, k, v, do)), causal=True)
     for g, w in zip(got, want):
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), w, atol=3e-2, rtol=3e-2)
 
 
-def test_empty_key_sequence_gives_zeros():
+@pytest.mark.parametrize("bwd", BWD)
+def test_empty_key_sequence_gives_zeros(bwd):
     q, k, v, do = _inputs(5, 0, 16)
-    out, dq, dk, dv = _grads(flash_attn.flash_attention, q, k, v, do)
+    configs = {"bwd": BWD[bwd]} if BWD[bwd] else None
+    out, dq, dk, dv = _grads(flash_attn.flash_attention, q, k, v, do, configs=configs)
     assert out.shape == (B, H, 5, 16) and (out == 0).all() and (dq == 0).all() and dk.shape == k.shape
+
+
+def test_atomic_dq_candidates_only_when_nondeterminism_is_allowed(monkeypatch):
+    atomic = [c for c in flash_attn.BWD_CONFIGS if flash_attn.atomic_dq(c)]
+    assert atomic and set(atomic) <= set(flash_attn._candidates("bwd"))  # PyTorch's default: allowed
+    monkeypatch.setenv("LAPVQA_ATTENTION_DETERMINISTIC", "1")
+    assert not any(flash_attn.atomic_dq(c) for c in flash_attn._candidates("bwd"))
+    monkeypatch.delenv("LAPVQA_ATTENTION_DETERMINISTIC")
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not any(flash_attn.atomic_dq(c) for c in flash_attn._candidates("bwd"))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not flash_attn.atomic_dq(flash_attn.FIXED_CONFIG["bwd"])  # AUTOTUNE=0: deterministic
 
 
 def test_rejects_bad_input_with_one_line_reason():

@@ -19,7 +19,7 @@ import tempfile
 
 _DT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _TENSOR_ARGS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-_FP32_ARGS = {"LSE", "DELTA"}
+_FP32_ARGS = {"LSE", "DELTA", "DQA"}
 _UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdod"}  # contiguous head dim: triton folds ==1
 _SMEM_LIMIT = 232448  # bytes of shared memory per block on sm_90
 
@@ -78,6 +78,9 @@ def compile_one(stage, config, *, dtype="bfloat16", head_dim=64, causal=False, k
     if stage == "fwd":
         bm, bn, warps, stages = config
         blocks = dict(BLOCK_M=bm, BLOCK_N=bn)
+    elif fa.atomic_dq(config):
+        m1, n1, _, _, warps, stages = config
+        kernel, blocks = fa.kernels._attn_bwd_atomic, dict(BLOCK_M1=m1, BLOCK_N1=n1)
     else:
         m1, n1, m2, n2, warps, stages = config
         blocks = dict(BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2)
@@ -112,6 +115,9 @@ def default_cases():
         yield stage, fixed, dict(head_dim=32)
         yield stage, fa._WIDE_CONFIG[stage], dict(head_dim=128)
         yield stage, fa._WIDE_CONFIG[stage], dict(head_dim=80, causal=True, kpm=True)
+    atomic = next(c for c in fa.BWD_CONFIGS if fa.atomic_dq(c))  # its key-mask path too
+    yield "bwd", atomic, dict(kpm=True, causal=True)
+    yield "bwd", atomic, dict(kvlen=True, dtype="float16")
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,10 @@ Design (after the Triton fused-attention tutorial and FlashAttention-2):
   * backward: delta = rowsum(dO * O) (preprocess), then ONE fused kernel (Triton tutorial 06
     style): program (i, b*h) computes dK/dV of key block i looping over query blocks, then dQ
     of query block i looping over key blocks. Two launches per backward, no atomics,
-    deterministic.
+    deterministic. Or (a tuning candidate unless determinism is required, see BWD_CONFIGS)
+    FlashAttention-2's scheme: the dK/dV loop also adds each tile's dQ share to an fp32 buffer
+    with relaxed atomics, saving the dQ pass's recomputation of P and dP (5 instead of 7 tile
+    matmuls, half the exp2 work).
   * launch configs are chosen by our own small tuner (first call per pow2 length bucket and
     mode) and then launched on the plain JIT kernel: per call the host does one dict lookup.
   * q/k/v/dO may be arbitrary strided views (e.g. slices of a fused qkv projection): every
@@ -53,15 +56,20 @@ _LOG2E = 1.4426950408889634
 # launch configuration
 # --------------------------------------------------------------------------------------------
 
-# Forward: (BLOCK_M, BLOCK_N, num_warps, num_stages). Backward (one fused kernel):
+# Forward: (BLOCK_M, BLOCK_N, num_warps, num_stages). Backward:
 # (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages): dK/dV of BLOCK_N1 keys
-# looping over BLOCK_M1 queries, then dQ of BLOCK_M2 queries looping over BLOCK_N2 keys.
+# looping over BLOCK_M1 queries, then dQ of BLOCK_M2 queries looping over BLOCK_N2 keys (one
+# fused kernel, deterministic). BLOCK_M2 = BLOCK_N2 = 0 selects the atomic-dQ kernel instead
+# (FlashAttention-2's scheme: no dQ pass, 5 instead of 7 tile matmuls, fp32 atomics whose order
+# varies between runs); tuned only while torch.are_deterministic_algorithms_enabled() is False
+# and LAPVQA_ATTENTION_DETERMINISTIC is not 1, as PyTorch does for its own atomic kernels.
 # Hopper (H100/H200) candidates after the Triton tutorial's sweep (its backward default is
-# 32/128/128/32, 4 warps, 5 stages, which spills on sm_90 here: 8 warps do not); kept short because each one is a compile, and tuning runs
-# once per process and (pow2-bucketed) shape.
+# 32/128/128/32, 4 warps, 5 stages, which spills on sm_90 here: 8 warps do not); kept short
+# because each one is a compile, and tuning runs once per process and (pow2-bucketed) shape.
 FWD_CONFIGS = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4))
 BWD_CONFIGS = ((32, 128, 128, 32, 8, 4), (64, 128, 128, 64, 8, 3), (32, 128, 128, 32, 8, 5),
-               (32, 64, 64, 32, 4, 4))
+               (32, 64, 64, 32, 4, 4),
+               (32, 128, 0, 0, 8, 4), (64, 128, 0, 0, 8, 3), (64, 64, 0, 0, 4, 4))
 CONFIGS = {"fwd": FWD_CONFIGS, "bwd": BWD_CONFIGS}
 FIXED_CONFIG = {"fwd": FWD_CONFIGS[0], "bwd": BWD_CONFIGS[0]}
 # fp32 inputs (exact "ieee" dots, for checks) spill heavily at the bf16 tiles: small fixed tiles
@@ -70,6 +78,7 @@ _FP32_CONFIG = {"fwd": (64, 32, 4, 2), "bwd": (32, 64, 64, 32, 8, 2)}
 _WIDE_CONFIG = {"fwd": (128, 64, 8, 3), "bwd": (32, 64, 64, 32, 8, 2)}
 # tl.dot's minimum tile; keeps the CPU interpreter fast
 _INTERPRET_CONFIG = {"fwd": (16, 16, 4, 1), "bwd": (16, 16, 16, 16, 4, 1)}
+INTERPRET_ATOMIC_BWD = (16, 16, 0, 0, 4, 1)  # tests force it to check the atomic-dQ kernel
 _PRE_BLOCK = 64
 _TUNED: dict = {}  # (stage, pow2 buckets, dtype, device, meta) -> config chosen by _tune
 
@@ -77,6 +86,16 @@ _TUNED: dict = {}  # (stage, pow2 buckets, dtype, device, meta) -> config chosen
 def autotune_enabled() -> bool:
     """LAPVQA_ATTENTION_AUTOTUNE=0 uses FIXED_CONFIG: no tuning, fast start, fixed configs."""
     return not INTERPRET and os.environ.get("LAPVQA_ATTENTION_AUTOTUNE", "1") != "0"
+
+
+def deterministic() -> bool:
+    """Only the deterministic (fused) backward may run: PyTorch's switch or ours."""
+    return (torch.are_deterministic_algorithms_enabled()
+            or os.environ.get("LAPVQA_ATTENTION_DETERMINISTIC", "0") == "1")
+
+
+def atomic_dq(config) -> bool:
+    return len(config) == 6 and config[2] == 0 and config[3] == 0
 
 
 def _bucket(n: int) -> int:
@@ -92,16 +111,27 @@ def _launch(stage, config, args, meta, nq, nk, bh):
                                              num_warps=warps, num_stages=stages)
         return
     m1, n1, m2, n2, warps, stages = config
+    if atomic_dq(config):
+        dq = args[6]  # [B, H, Nq, D] in q's dtype; the kernel accumulates into fp32 first
+        dqa = torch.zeros(dq.shape, device=dq.device, dtype=torch.float32)
+        if nk == 0:  # no key: every dQ is 0 and there is no program to launch
+            dq.zero_()
+            return
+        kernels._attn_bwd_atomic[(triton.cdiv(nk, n1), bh)](
+            *args[:6], dqa, *args[7:], **meta, BLOCK_M1=m1, BLOCK_N1=n1,
+            num_warps=warps, num_stages=stages)
+        dq.copy_(dqa)
+        return
     grid = (max(triton.cdiv(nk, n1), triton.cdiv(nq, m2)), bh)
     kernels._attn_bwd[grid](*args, **meta, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2,
-                    num_warps=warps, num_stages=stages)
+                            num_warps=warps, num_stages=stages)
 
 
 def _tune(stage, args, meta, nq, nk, bh):
     """Time every candidate once (short runs; outputs are just rewritten) and return the fastest.
     A candidate that does not compile or fit (shared memory) is skipped, as triton.autotune does."""
     timings, first_error = {}, None
-    for cfg in CONFIGS[stage]:
+    for cfg in _candidates(stage):
         try:
             timings[cfg] = triton.testing.do_bench(
                 lambda: _launch(stage, cfg, args, meta, nq, nk, bh), warmup=5, rep=20)
@@ -110,6 +140,12 @@ def _tune(stage, args, meta, nq, nk, bh):
     if not timings:
         raise RuntimeError(f"flash_attn: no {stage} config compiled: {first_error}")
     return min(timings, key=timings.get)
+
+
+def _candidates(stage):
+    if stage == "bwd" and deterministic():
+        return tuple(c for c in CONFIGS[stage] if not atomic_dq(c))
+    return CONFIGS[stage]
 
 
 def _config(stage, q, nq, nk, meta, forced):
@@ -131,7 +167,8 @@ def _run(stage, q, nq, nk, bh, args, meta, forced):
     (pow2 length bucket, dtype, mode) key, then one dict lookup per call)."""
     config = _config(stage, q, nq, nk, meta, forced)
     if config is None:
-        key = (stage, _bucket(nq), _bucket(nk), q.dtype, q.device.index, *meta.values())
+        key = (stage, _bucket(nq), _bucket(nk), q.dtype, q.device.index, deterministic(),
+               *meta.values())
         config = _TUNED.get(key)
         if config is None:
             config = _TUNED[key] = _tune(stage, args, meta, nq, nk, bh)

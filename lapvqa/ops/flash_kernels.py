@@ -187,10 +187,11 @@ if AVAILABLE:
         tl.store(DELTA + off_bh.to(tl.int64) * Nq + offs_m, delta, mask=offs_m < Nq)
 
     @triton.jit
-    def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                    sqm, sqd, sdom, sdod, offs_n, offs_d, lo, hi, Nq, diag, qk_scale,
+    def _dkdv_inner(dk, dv, k, v, keep_n, q_base, do_base, lse_base, delta_base, dqa_base,
+                    sqm, sqd, sdom, sdod, offs_n, offs_d, lo, hi, Nq, diag, qk_scale, sm_scale,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+                    MASKED: tl.constexpr, KEY_MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
         for start_m in range(lo, hi, BLOCK_M):
             start_m = tl.multiple_of(start_m, BLOCK_M)
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -203,26 +204,39 @@ if AVAILABLE:
             pT = tl.math.exp2(qkT - lse[None, :])
             if MASKED:  # causal diagonal blocks
                 pT = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pT, 0.0)
+            if KEY_MASK:  # only dQ needs it: masked keys' dK/dV rows are zeroed once at the end
+                pT = tl.where(keep_n[:, None], pT, 0.0)
             dv = _mma(pT.to(do.dtype), do, dv, DOT_PREC)
             dpT = _mm(v, tl.trans(do), DOT_PREC)
             dsT = pT * (dpT - delta[None, :])
             dk = _mma(dsT.to(q.dtype), q, dk, DOT_PREC)
+            if ATOMIC_DQ:
+                # this key block's share of dQ for these query rows; the other key blocks' programs
+                # add theirs: 5 matmuls per tile instead of 7 (no dQ pass recomputing P and dP),
+                # at the price of fp32 atomics whose summation order varies between runs
+                dq = _mm(tl.trans(dsT.to(k.dtype)), k, DOT_PREC) * sm_scale  # [BLOCK_M, BLOCK_D]
+                # relaxed: a plain sum needs no ordering (acq_rel, the default, fences each add)
+                tl.atomic_add(dqa_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq,
+                              mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM),
+                              sem="relaxed")
         return dk, dv
 
     @triton.jit
-    def _bwd_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KVL,
+    def _bwd_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, KVL,
                         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                         sdob, sdoh, sdom, sdod, skpm_b, off_b, off_h, off_bh, start_n,
                         Nq, Nk, qk_scale, sm_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
-                        DOT_PREC: tl.constexpr):
-        """dK, dV of keys [start_n, start_n + BLOCK_N): loop over the query blocks that see them."""
+                        ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
+        """dK, dV of keys [start_n, start_n + BLOCK_N): loop over the query blocks that see them
+        (and, if ATOMIC_DQ, add their dQ contributions to the fp32 buffer DQA [B*H, Nq, HEAD_DIM])."""
         q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
         do_base = DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh
         lse_base = LSE + off_bh.to(tl.int64) * Nq
         delta_base = DELTA + off_bh.to(tl.int64) * Nq
+        dqa_base = DQA + off_bh.to(tl.int64) * Nq * HEAD_DIM
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         k = _load_rows(K + off_b.to(tl.int64) * skb + off_h.to(tl.int64) * skh,
@@ -235,6 +249,11 @@ if AVAILABLE:
         n_valid = Nk
         if HAS_KVLEN:
             n_valid = tl.minimum(tl.maximum(tl.load(KVL + off_b).to(tl.int32), 0), Nk)
+        keep = offs_n < n_valid
+        if HAS_KPM:
+            keep = keep & (tl.load(KPM + off_b.to(tl.int64) * skpm_b + offs_n, mask=offs_n < Nk, other=0) != 0)
+        # padding keys beyond Nk load as zeros, so their dQ share is 0 without a mask
+        KEY_MASK: tl.constexpr = ATOMIC_DQ and (HAS_KPM or HAS_KVLEN)
         hi = tl.where(start_n < n_valid, Nq, 0)  # a block of padding keys gets no gradient
         full_lo = 0
         diag = Nk - Nq
@@ -245,17 +264,16 @@ if AVAILABLE:
             full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
             full_lo = tl.minimum(full_lo, hi)
             lo = tl.minimum(lo, full_lo)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                 sqm, sqd, sdom, sdod, offs_n, offs_d, lo, full_lo, Nq, diag, qk_scale,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, DOT_PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                             sqm, sqd, sdom, sdod, offs_n, offs_d, full_lo, hi, Nq, diag, qk_scale,
-                             BLOCK_M, HEAD_DIM, BLOCK_D, False, DOT_PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base,
+                                 sqm, sqd, sdom, sdod, offs_n, offs_d, lo, full_lo, Nq, diag,
+                                 qk_scale, sm_scale, BLOCK_M, HEAD_DIM, BLOCK_D, True, KEY_MASK,
+                                 ATOMIC_DQ, DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base,
+                             sqm, sqd, sdom, sdod, offs_n, offs_d, full_lo, hi, Nq, diag,
+                             qk_scale, sm_scale, BLOCK_M, HEAD_DIM, BLOCK_D, False, KEY_MASK,
+                             ATOMIC_DQ, DOT_PREC)
         # A masked key never contributed, so its dk/dv rows are zero; other keys are unaffected
         # (their probabilities use the saved lse), so masking once here is exact.
-        keep = offs_n < n_valid
-        if HAS_KPM:
-            keep = keep & (tl.load(KPM + off_b.to(tl.int64) * skpm_b + offs_n, mask=offs_n < Nk, other=0) != 0)
         dk = tl.where(keep[:, None], dk * sm_scale, 0.0)
         dv = tl.where(keep[:, None], dv, 0.0)
         # DK/DV are allocated contiguous like K's [B, H, Nk, D] view
@@ -336,14 +354,32 @@ if AVAILABLE:
         off_b = off_bh // H
         off_h = off_bh % H
         if pid * BLOCK_N1 < Nk:
-            _bwd_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KVL,
+            _bwd_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, KPM, KVL,
                             sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                             sdob, sdoh, sdom, sdod, skpm_b, off_b, off_h, off_bh, pid * BLOCK_N1,
                             Nq, Nk, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1,
-                            CAUSAL, HAS_KPM, HAS_KVLEN, DOT_PREC)
+                            CAUSAL, HAS_KPM, HAS_KVLEN, False, DOT_PREC)
         if pid * BLOCK_M2 < Nq:
             _bwd_dq_block(Q, K, V, DO, LSE, DELTA, DQ, KPM, KVL,
                           sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                           sdob, sdoh, sdom, sdod, skpm_b, off_b, off_h, off_bh, pid,
                           Nq, Nk, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2,
                           CAUSAL, HAS_KPM, HAS_KVLEN, DOT_PREC)
+
+    @triton.jit(do_not_specialize=_SEQ_ARGS)
+    def _attn_bwd_atomic(Q, K, V, DO, LSE, DELTA, DQA, DK, DV, KPM, KVL,
+                         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                         sdob, sdoh, sdom, sdod, skpm_b,
+                         H, Nq, Nk, qk_scale, sm_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+                         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
+        # FlashAttention-2's backward: program i computes dK/dV of key block i and adds its dQ
+        # share to the zeroed fp32 buffer DQA with atomics (no second pass over the keys).
+        off_bh = tl.program_id(1)
+        _bwd_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, KVL,
+                        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                        sdob, sdoh, sdom, sdod, skpm_b, off_bh // H, off_bh % H, off_bh,
+                        tl.program_id(0) * BLOCK_N1, Nq, Nk, qk_scale, sm_scale, HEAD_DIM, BLOCK_D,
+                        BLOCK_M1, BLOCK_N1, CAUSAL, HAS_KPM, HAS_KVLEN, True, DOT_PREC)
