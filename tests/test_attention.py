@@ -170,6 +170,8 @@ def test_rejects_bad_input_with_one_line_reason():
         flash_attn.flash_attention(q, q, q)
     with pytest.raises(ValueError, match="dtypes differ"):
         flash_attn.flash_attention(q[..., :16], q[..., :16].double(), q[..., :16])
+    with pytest.raises(ValueError, match="scale -0.5 is not > 0"):
+        flash_attn.flash_attention(q[..., :16], q[..., :16], q[..., :16], scale=-0.5)
 
 
 # ------------------------------------------------------------------------------------------

@@ -68,3 +68,35 @@ def test_kernels_compile_for_hopper():
     for rec in recs:
         assert rec["fits"], rec
         assert rec.get("spill_bytes") in (0, None) or rec["kpm"], rec  # hot paths must not spill
+
+
+_LOOPS = """
+import json
+from lapvqa.ops import compile_check as cc, flash_attn as fa
+fused = cc.loop_mix("bwd", fa.FIXED_CONFIG["bwd"])
+atomic = cc.loop_mix("bwd", next(c for c in fa.BWD_CONFIGS if fa.atomic_dq(c) and c[0] == 64))
+print(json.dumps(dict(fused=fused, atomic=atomic)))
+"""
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not installed")
+def test_atomic_dq_backward_halves_the_exp2_work_in_sass():
+    """What the atomic-dQ kernel is for, read off the sm_90 SASS (nvdisasm): per score element its
+    loop issues one exp2 where the fused kernel's dK/dV and dQ loops issue two, with wgmma
+    (HGMMA) for every product and vectorised fp32 reductions (REDG) for dQ."""
+    r = subprocess.run([sys.executable, "-c", _LOOPS], capture_output=True, text=True, env=_env(),
+                       timeout=230)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mix = json.loads(r.stdout.strip().splitlines()[-1])
+    fused, atomic = mix["fused"], mix["atomic"]
+    m1, n1, m2, n2, warps, _ = fused[0]["config"]
+    # non-causal, unmasked: fused = dK/dV loop + dQ loops (full blocks, ragged tail); atomic = 1
+    assert len(atomic) == 1 and len(fused) == 3, (fused, atomic)
+    threads = 32 * warps
+    fused_exp_per_elem = (fused[0]["MUFU"] / (m1 * n1 / threads) + fused[1]["MUFU"] / (m2 * n2 / threads))
+    a = atomic[0]
+    am1, an1, _, _, awarps, _ = a["config"]
+    atomic_exp_per_elem = a["MUFU"] / (am1 * an1 / (32 * awarps))
+    assert fused_exp_per_elem == 2 and atomic_exp_per_elem == 1, (fused, a)
+    assert a.get("REDG", 0) > 0 and a["HGMMA"] > 0 and "HMMA" not in a, a

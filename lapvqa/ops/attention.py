@@ -14,7 +14,7 @@ Contract (every caller relies on it):
       KV-cached decoder needs (the last Nq queries of an Nk-long sequence).
   key_padding_mask: optional [B, Nk] bool, True = a real key that may be attended to.
   kv_lens: optional [B] int, keys at positions >= kv_lens[b] are masked (alternative to the mask).
-  scale: softmax scale, default 1/sqrt(D).
+  scale: softmax scale, default 1/sqrt(D) (the kernel needs scale > 0; SDPA takes any).
 Returns [B, H, Nq, D]. A query row with no visible key returns zeros (never NaN).
 
 Works inside torch.compile'd regions (fullgraph too): the dispatch is plain traceable Python and
@@ -98,7 +98,7 @@ def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def choose_backend(q, k, v, *, causal=False, key_padding_mask=None, kv_lens=None) -> str:
+def choose_backend(q, k, v, *, causal=False, key_padding_mask=None, kv_lens=None, scale=None) -> str:
     """'triton' or 'sdpa' for these inputs under the current LAPVQA_ATTENTION setting."""
     mode = attention_backend()
     if mode == "sdpa":
@@ -109,7 +109,7 @@ def choose_backend(q, k, v, *, causal=False, key_padding_mask=None, kv_lens=None
             _warn_once("LAPVQA_ATTENTION=triton: CPU tensors use SDPA (set TRITON_INTERPRET=1 "
                        "to run the kernel in the Triton interpreter)")
             return "sdpa"
-        reason = _flash().unsupported_reason(q, k, v, key_padding_mask, kv_lens)
+        reason = _flash().unsupported_reason(q, k, v, key_padding_mask, kv_lens, scale)
         if reason is not None:
             raise ValueError(f"LAPVQA_ATTENTION=triton: {reason}")
         return "triton"
@@ -120,7 +120,7 @@ def choose_backend(q, k, v, *, causal=False, key_padding_mask=None, kv_lens=None
     if not any(r.matches(q, k, bool(causal), masked, training) for r in AUTO_KERNEL_RULES):
         return "sdpa"
     fa = _flash()
-    return "triton" if fa.unsupported_reason(q, k, v, key_padding_mask, kv_lens) is None else "sdpa"
+    return "triton" if fa.unsupported_reason(q, k, v, key_padding_mask, kv_lens, scale) is None else "sdpa"
 
 
 def _sdpa_mask(q, k, causal, key_padding_mask, kv_lens):
@@ -156,7 +156,7 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, kv_lens=None, sca
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     backend = choose_backend(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                             kv_lens=kv_lens)
+                             kv_lens=kv_lens, scale=scale)
     if backend == "triton":
         return _flash().flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                                         kv_lens=kv_lens, scale=scale)

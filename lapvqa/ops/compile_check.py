@@ -66,8 +66,8 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
             "spill_bytes": int(spill.group(1)) if spill else None}
 
 
-def compile_one(stage, config, *, dtype="bfloat16", head_dim=64, causal=False, kpm=False,
-                kvlen=False, arch=90):
+def _compile(stage, config, *, dtype="bfloat16", head_dim=64, causal=False, kpm=False,
+             kvlen=False, arch=90):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -91,12 +91,56 @@ def compile_one(stage, config, *, dtype="bfloat16", head_dim=64, causal=False, k
     target = GPUTarget("cuda", arch, 32)
     backend = triton.compiler.make_backend(target)
     options = backend.parse_options({"num_warps": warps, "num_stages": stages})
-    compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=target,
-                              options=options.__dict__)
+    return triton.compile(ASTSource(kernel, sig, consts, attrs), target=target,
+                          options=options.__dict__)
+
+
+def compile_one(stage, config, *, dtype="bfloat16", head_dim=64, causal=False, kpm=False,
+                kvlen=False, arch=90):
+    compiled = _compile(stage, config, dtype=dtype, head_dim=head_dim, causal=causal, kpm=kpm,
+                        kvlen=kvlen, arch=arch)
     shared = int(compiled.metadata.shared)
     return {"stage": stage, "config": list(config), "dtype": dtype, "head_dim": head_dim,
             "causal": causal, "kpm": kpm, "kvlen": kvlen, "shared": shared,
             **_ptxas_usage(compiled.asm["ptx"], arch), "fits": shared <= _SMEM_LIMIT}
+
+
+_LOOP_OPS = ("HGMMA", "HMMA", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "F2FP", "REDG",
+             "ATOMG", "LDGSTS", "BAR")
+
+
+def loop_mix(stage, config, arch=90, **kw) -> list[dict]:
+    """Per loop of the kernel's SASS (each backward branch), its instruction count and the mix of
+    the opcodes that matter here (tensor-core MMA, MUFU exp2, FP32 ALU, atomics, async copies).
+    Static, per warp and iteration: a proxy for issue pressure where no GPU is at hand."""
+    import collections
+
+    from triton.backends.nvidia import compiler as nv
+
+    cubin = _compile(stage, config, arch=arch, **kw).asm["cubin"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([os.path.join(os.path.dirname(nv.__file__), "bin", "nvdisasm"), "-c",
+                               f.name], capture_output=True, text=True, timeout=120).stdout
+    label_at, pending, code = {}, None, []
+    for line in text.splitlines():
+        if m := re.match(r"^\s*\.(L_x_\d+):", line):
+            pending = m.group(1)
+        elif m := re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*?);", line):
+            addr = int(m.group(1), 16)
+            if pending:
+                label_at[pending], pending = addr, None
+            code.append((addr, re.sub(r"^@!?U?P\w+\s+", "", m.group(2))))
+    loops = []
+    for addr, ins in code:
+        m = re.search(r"\bBRA\b.*\(\.(L_x_\d+)\)", ins)
+        if m and label_at.get(m.group(1), addr) < addr:  # a backward branch closes a loop
+            body = [i for a, i in code if label_at[m.group(1)] <= a <= addr]
+            ops = collections.Counter(i.split()[0].split(".")[0] for i in body)
+            loops.append({"stage": stage, "config": list(config), **kw, "instructions": len(body),
+                          **{k: ops[k] for k in _LOOP_OPS if ops[k]}})
+    return loops
 
 
 def default_cases():
@@ -124,6 +168,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--quick", action="store_true", help="only the fixed config, bf16, D=64")
+    ap.add_argument("--loops", action="store_true",
+                    help="instead: the SASS instruction mix of each kernel loop, model configs")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter does not compile)")
@@ -133,11 +179,19 @@ def main(argv=None) -> int:
     if not fa.AVAILABLE:
         print("compile_check: triton is not installed")
         return 2
+    if args.loops:
+        for stage, cfgs in fa.CONFIGS.items():
+            for cfg in cfgs:
+                for rec in loop_mix(stage, cfg, arch=args.arch):
+                    print(json.dumps(rec), flush=True)
+        return 0
     cases = list(default_cases())
     stage_cfgs = fa.CONFIGS
     if args.quick:
+        atomic = next(c for c in fa.BWD_CONFIGS if fa.atomic_dq(c))
         cases = [(s, fa.FIXED_CONFIG[s], dict(causal=c)) for s in ("fwd", "bwd")
-                 for c in (False, True)] + [("fwd", fa.FIXED_CONFIG["fwd"], dict(kpm=True, kvlen=True))]
+                 for c in (False, True)] + [("fwd", fa.FIXED_CONFIG["fwd"], dict(kpm=True, kvlen=True)),
+                                            ("bwd", atomic, dict(causal=True, kpm=True))]
     bad = 0
     for stage, cfg, kw in cases:
         try:

@@ -227,7 +227,7 @@ def _backward(do, q, k, v, o, lse, causal, kpm, kvl, scale, configs):
     return dq, dk, dv
 
 
-def unsupported_reason(q, k, v, key_padding_mask=None, kv_lens=None):
+def unsupported_reason(q, k, v, key_padding_mask=None, kv_lens=None, scale=None):
     """None when the kernel can run these inputs, else a one-line reason."""
     if not AVAILABLE:
         return "triton is not installed"
@@ -250,6 +250,8 @@ def unsupported_reason(q, k, v, key_padding_mask=None, kv_lens=None):
         return f"key_padding_mask shape {tuple(key_padding_mask.shape)} != {(B, k.shape[2])}"
     if kv_lens is not None and tuple(kv_lens.shape) != (B,):
         return f"kv_lens shape {tuple(kv_lens.shape)} != {(B,)}"
+    if scale is not None and not scale > 0:  # the kernels take the row max of unscaled scores
+        return f"softmax scale {scale} is not > 0"
     return None
 
 
@@ -258,7 +260,7 @@ def flash_attention(q, k, v, *, causal=False, key_padding_mask=None, kv_lens=Non
     """The fused kernel (same contract as lapvqa.ops.attention). `configs` optionally forces
     {"fwd": (BLOCK_M, BLOCK_N, num_warps, num_stages),
      "bwd": (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages)} (tests, benchmarks)."""
-    reason = unsupported_reason(q, k, v, key_padding_mask, kv_lens)
+    reason = unsupported_reason(q, k, v, key_padding_mask, kv_lens, scale)
     if reason is not None:
         raise ValueError(f"flash_attention: {reason}")
     if scale is None:

@@ -112,16 +112,18 @@ if AVAILABLE:
             start_n = tl.multiple_of(start_n, BLOCK_N)
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, Nk, HEAD_DIM, BLOCK_D, MASKED)
-            qk = _mm(q, tl.trans(k), DOT_PREC) * qk_scale
+            # raw scores; the scale is folded into the exponent's FMA (qk_scale > 0, so the max of
+            # the scaled scores is the scaled max): one FP32 op per score instead of two
+            qk = _mm(q, tl.trans(k), DOT_PREC)
             if MASKED or HAS_KPM:
                 vis = _visible(offs_m, offs_n, n_valid, diag, kpm_base, Nk, CAUSAL and MASKED, HAS_KPM)
                 qk = tl.where(vis, qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: no NaN
             else:
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
                 m_ref = m_new
-            p = tl.math.exp2(qk - m_ref[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
             alpha = tl.math.exp2(m_i - m_ref)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
@@ -200,8 +202,8 @@ if AVAILABLE:
             # rows past Nq read lse=+inf, so their probabilities are exactly 0
             lse = tl.load(lse_base + offs_m, mask=offs_m < Nq, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=offs_m < Nq, other=0.0)
-            qkT = _mm(k, tl.trans(q), DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-            pT = tl.math.exp2(qkT - lse[None, :])
+            qkT = _mm(k, tl.trans(q), DOT_PREC)  # [BLOCK_N, BLOCK_M], raw scores
+            pT = tl.math.exp2(qkT * qk_scale - lse[None, :])  # one FMA per score
             if MASKED:  # causal diagonal blocks
                 pT = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pT, 0.0)
             if KEY_MASK:  # only dQ needs it: masked keys' dK/dV rows are zeroed once at the end
@@ -292,8 +294,8 @@ if AVAILABLE:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_rows(k_base, offs_n, offs_d, skn, skd, Nk, HEAD_DIM, BLOCK_D, MASKED)
             v = _load_rows(v_base, offs_n, offs_d, svn, svd, Nk, HEAD_DIM, BLOCK_D, MASKED)
-            qk = _mm(q, tl.trans(k), DOT_PREC) * qk_scale
-            p = tl.math.exp2(qk - lse[:, None])
+            qk = _mm(q, tl.trans(k), DOT_PREC)
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])  # one FMA per score
             if MASKED or HAS_KPM:
                 vis = _visible(offs_m, offs_n, n_valid, diag, kpm_base, Nk, CAUSAL and MASKED, HAS_KPM)
                 p = tl.where(vis, p, 0.0)
