@@ -120,7 +120,7 @@ def _launch(stage, config, args, meta, nq, nk, bh):
         kernels._attn_bwd_atomic[(triton.cdiv(nk, n1), bh)](
             *args[:6], dqa, *args[7:], **meta, BLOCK_M1=m1, BLOCK_N1=n1,
             num_warps=warps, num_stages=stages)
-        dq.copy_(dqa)
+        torch.mul(dqa, args[-1], out=dq)  # sm_scale (the last argument), fp32 -> q's dtype
         return
     grid = (max(triton.cdiv(nk, n1), triton.cdiv(nq, m2)), bh)
     kernels._attn_bwd[grid](*args, **meta, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2,

@@ -216,7 +216,7 @@ if AVAILABLE:
                 # this key block's share of dQ for these query rows; the other key blocks' programs
                 # add theirs: 5 matmuls per tile instead of 7 (no dQ pass recomputing P and dP),
                 # at the price of fp32 atomics whose summation order varies between runs
-                dq = _mm(tl.trans(dsT.to(k.dtype)), k, DOT_PREC) * sm_scale  # [BLOCK_M, BLOCK_D]
+                dq = _mm(tl.trans(dsT.to(k.dtype)), k, DOT_PREC)  # [BLOCK_M, BLOCK_D], unscaled
                 # relaxed: a plain sum needs no ordering (acq_rel, the default, fences each add)
                 tl.atomic_add(dqa_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq,
                               mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM),
@@ -233,7 +233,8 @@ if AVAILABLE:
                         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
                         ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
         """dK, dV of keys [start_n, start_n + BLOCK_N): loop over the query blocks that see them
-        (and, if ATOMIC_DQ, add their dQ contributions to the fp32 buffer DQA [B*H, Nq, HEAD_DIM])."""
+        (and, if ATOMIC_DQ, add their dQ contributions, not yet multiplied by sm_scale, to the fp32
+        buffer DQA [B*H, Nq, HEAD_DIM]; the host scales once when it casts the buffer)."""
         q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
         do_base = DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh
         lse_base = LSE + off_bh.to(tl.int64) * Nq
