@@ -181,6 +181,9 @@ def build_deepspeed(a, model, batch_size):
     ds["optimizer"]["params"].update(torch_adam=True, **({"fused": True} if gpu else {}))
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds)
+    if os.environ.get("LAPVQA_DS_STOCK_OVERFLOW_CHECK") != "1":  # as the trainer does
+        from lapvqa.train.ds_patches import batch_overflow_check
+        batch_overflow_check(engine.optimizer)
     return engine
 
 

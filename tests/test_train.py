@@ -229,14 +229,16 @@ def test_two_nodes_on_loopback_see_disjoint_data_bf16(train_shards, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", str(run), train_shards, train__max_steps=5,
                        train__precision="bf16", validate__every_steps=0, run__log_sample_keys=True,
                        checkpoint__every_steps=100, model__overrides={"pixel_norm": "pixel"},
-                       model__pixel_stats_samples=30)
+                       model__pixel_stats_samples=30, debug__nan_steps=[3])
     port = _port()
     procs = [_start([str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i),
                      "--master_addr", "127.0.0.1", "--master_port", str(port), TRAIN, "--config", cfg],
                     tmp_path / f"node{i}.txt") for i in (0, 1)]
+    outs = []
     for i, p in enumerate(procs):
         code, out = _finish(p, tmp_path / f"node{i}.txt", 240)
         assert code == 0, out[-4000:]
+        outs.append(out)
     keys = [[k for l in (run / "keys" / f"rank{r}.jsonl").read_text().splitlines() for k in json.loads(l)["keys"]]
             for r in (0, 1)]
     assert len(keys[0]) == len(keys[1]) == 20
@@ -245,6 +247,11 @@ def test_two_nodes_on_loopback_see_disjoint_data_bf16(train_shards, tmp_path):
     assert start["world_size"] == 2 and start["precision"] == "bf16"
     train, val = _rows(run)
     assert len(train) == 5 and val[-1]["val_samples"] == 32
+    # bf16 NaN step: the (batched, lapvqa.train.ds_patches) overflow check skips the update on
+    # both ranks and the weights stay finite: later steps learn on
+    assert "overflow check batched" in outs[0] and "OVERFLOW! Skipping step" in outs[0]
+    assert train[2]["loss"] is None and train[-1]["nonfinite_skipped"] == 1
+    assert all(r["loss"] is not None and np.isfinite(r["loss"]) for r in train[3:])
     assert json.loads((run / "checkpoints" / "global_step5" / "COMPLETE").read_text())["precision"] == "bf16"
     # pixel_norm: pixel -> both ranks measured their halves of the first 30 training images; the
     # all-reduced maps equal the maps of those images read straight from the shards

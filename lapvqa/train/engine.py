@@ -8,6 +8,7 @@ import torch
 
 from lapvqa.config import Config, ConfigError
 from lapvqa.train.ds_config import deepspeed_config, lr_scheduler, param_groups
+from lapvqa.train.ds_patches import batch_overflow_check
 
 log = logging.getLogger("lapvqa.train")
 
@@ -75,4 +76,7 @@ def build_engine(cfg: Config, model, info):
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds,
         lr_scheduler=lr_scheduler(cfg))
+    if ds.get("bf16", {}).get("check_grad_overflow") and batch_overflow_check(engine.optimizer):
+        log.info("DeepSpeed's overflow check batched into one multi-tensor kernel "
+                 "(lapvqa.train.ds_patches)")
     return engine
