@@ -6,11 +6,9 @@ import logging
 
 import pytest
 import torch
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Original
 
 from lapvqa.train.ds_patches import _METHOD, batch_overflow_check
-
-zero = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
-Original = zero.DeepSpeedZeroOptimizer
 
 
 class FakeZero:
