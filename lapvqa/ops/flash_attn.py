@@ -113,10 +113,10 @@ def _launch(stage, config, args, meta, nq, nk, bh):
     m1, n1, m2, n2, warps, stages = config
     if atomic_dq(config):
         dq = args[6]  # [B, H, Nq, D] in q's dtype; the kernel accumulates into fp32 first
-        dqa = torch.zeros(dq.shape, device=dq.device, dtype=torch.float32)
         if nk == 0:  # no key: every dQ is 0 and there is no program to launch
             dq.zero_()
             return
+        dqa = torch.zeros(dq.shape, device=dq.device, dtype=torch.float32)
         kernels._attn_bwd_atomic[(triton.cdiv(nk, n1), bh)](
             *args[:6], dqa, *args[7:], **meta, BLOCK_M1=m1, BLOCK_N1=n1,
             num_warps=warps, num_stages=stages)
