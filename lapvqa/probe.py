@@ -80,10 +80,12 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             return torch.from_numpy(load_image(self.paths[i], self.size))[None], ""
-        except (OSError, ImageError, MissingCodecError) as exc:  # counted by reason, never fatal
+        except (OSError, ImageError, MissingCodecError) as exc:
+            # a bad image is counted by reason; a missing decoder travels to the main process as
+            # a reason too (a worker's exception would arrive as a traceback) and stops the probe
             reason = getattr(exc, "reason", "image_unreadable")
-            if isinstance(exc, MissingCodecError):  # raised again in the main process: a worker's
-                reason = _MISSING_CODEC + str(exc)   # exception would arrive as a traceback
+            if isinstance(exc, MissingCodecError):
+                reason = _MISSING_CODEC + str(exc)
             else:
                 log.warning("image rejected %s: %s", self.paths[i], exc)
             return torch.zeros(1, self.size, self.size, dtype=torch.uint8), reason
