@@ -114,23 +114,25 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args.child, device, args.steps)), flush=True)
         return 0
-    rows = []
+    # rows are printed as they finish: a run cut short by a timeout keeps what it measured
+    print(f"{'setup':<11} {'optimizer':<22} {'tensors':>7} {'aten ops/step':>13} "
+          f"{'compute ops/step':>16} {'x plain':>8} {'step ms':>8} {'x plain':>8}", flush=True)
+    base, rows = None, []
     for setup in args.setups.split(","):
         r = subprocess.run([sys.executable, __file__, "--child", setup, "--device", device,
                             "--steps", str(args.steps)], capture_output=True, text=True, timeout=600)
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
         if r.returncode or not lines:
-            print(f"{setup}: failed: {r.stderr.strip().splitlines()[-1:]}")
+            print(f"{setup}: failed: {r.stderr.strip().splitlines()[-1:]}", flush=True)
             continue
-        rows.append(json.loads(lines[-1]))
-    base = next((r for r in rows if r["setup"] == "plain"), None)
-    print(f"{'setup':<11} {'optimizer':<22} {'tensors':>7} {'aten ops/step':>13} "
-          f"{'compute ops/step':>16} {'x plain':>8} {'step ms':>8} {'x plain':>8}")
-    for r in rows:
-        ops_x = r["compute_ops_per_step"] / base["compute_ops_per_step"] if base else float("nan")
-        ms_x = r["step_ms"] / base["step_ms"] if base else float("nan")
-        print(f"{r['setup']:<11} {r['optimizer']:<22} {r['tensors']:>7} {r['aten_ops_per_step']:>13} "
-              f"{r['compute_ops_per_step']:>16} {ops_x:>8.2f} {r['step_ms']:>8.1f} {ms_x:>8.2f}")
+        row = json.loads(lines[-1])
+        rows.append(row)
+        base = base or (row if setup == "plain" else None)
+        ops_x = row["compute_ops_per_step"] / base["compute_ops_per_step"] if base else float("nan")
+        ms_x = row["step_ms"] / base["step_ms"] if base else float("nan")
+        print(f"{row['setup']:<11} {row['optimizer']:<22} {row['tensors']:>7} "
+              f"{row['aten_ops_per_step']:>13} {row['compute_ops_per_step']:>16} {ops_x:>8.2f} "
+              f"{row['step_ms']:>8.1f} {ms_x:>8.2f}", flush=True)
     for r in rows:
         print(f"# {r['setup']}: most frequent ops per 5 steps {r['top_ops']}")
     return 0

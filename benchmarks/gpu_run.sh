@@ -12,7 +12,7 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 R=${OUT:-benchmarks/results}
 mkdir -p "$R"
 STAGES=${STAGES:-check,attention,model,ds}
-# default budget 150 + 120 + 160 + 50 = 480 s of commands
+# default budget 150 + 120 + 150 + 60 = 480 s of commands
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$R/gpu_env.txt"
@@ -23,9 +23,9 @@ case ",$STAGES," in *,attention,*)
   timeout ${ATTN_S:-120} python3 benchmarks/attention.py --out "$R/attention.jsonl" --time-budget $(( ${ATTN_S:-120} - 30 )) 2>&1 | tee "$R/attention.log";;
 esac
 case ",$STAGES," in *,model,*)
-  timeout ${MODEL_S:-160} python3 benchmarks/model.py --budget-s $(( ${MODEL_S:-160} - 30 )) ${MODEL_ARGS:-} --json-out "$R/model.jsonl" 2>&1 | tee "$R/model.log";;
+  timeout ${MODEL_S:-150} python3 benchmarks/model.py --budget-s $(( ${MODEL_S:-150} - 30 )) ${MODEL_ARGS:-} --json-out "$R/model.jsonl" 2>&1 | tee "$R/model.log";;
 esac
 case ",$STAGES," in *,ds,*)
-  timeout ${DS_S:-50} python3 benchmarks/ds_overhead.py --device cuda --steps 10 2>&1 | tee "$R/ds_overhead.log";;
+  timeout ${DS_S:-60} python3 benchmarks/ds_overhead.py --device cuda --steps 10 2>&1 | tee "$R/ds_overhead.log";;
 esac
 echo "gpu_run: done"
