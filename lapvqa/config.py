@@ -28,6 +28,9 @@ class ConfigError(ValueError):
 class RunSection:
     dir: str = "runs/default"  # everything the run writes goes here (checkpoints, metrics, tb/)
     resume: str = "auto"  # auto: continue from the newest COMPLETE checkpoint; never: refuse if any exist
+    # true: also resume a checkpoint written by another number of ranks (weights and optimizer
+    # state re-partitioned, data stream re-dealt, global batch kept); see docs/training.md
+    elastic_resume: bool = False
     log_every_steps: int = 1  # one metrics.jsonl row (and TensorBoard point) every N steps
     tensorboard: bool = True  # local event files under run.dir/tb (nothing leaves the machine)
     progress: bool = True  # tqdm bar on rank 0

@@ -45,8 +45,8 @@ def _env(**extra) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
-def _deepspeed(cfg: str, *over: str, port: int | None = None) -> list[str]:
-    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port or _port()), TRAIN,
+def _deepspeed(cfg: str, *over: str, port: int | None = None, ranks: int = 2) -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port or _port()), TRAIN,
             "--config", cfg, *over]
 
 
@@ -216,6 +216,59 @@ def test_kill_in_save_then_sigkill_then_resume_is_exact(reference, train_shards,
         assert (run / "keys" / f"rank{r}.jsonl").read_text() == (ref_run / "keys" / f"rank{r}.jsonl").read_text()
     events = [json.loads(l)["event"] for l in (run / "events.jsonl").read_text().splitlines()]
     assert events.count("resume") == 2
+
+
+@pytest.mark.timeout(600)
+def test_elastic_resume_onto_one_rank_continues_the_reference(reference, train_shards, tmp_path):
+    """2 ranks die in the save of step 8; the run comes back on ONE rank with 2 data workers and
+    run.elastic_resume: ZeRO-2 state re-partitioned through DeepSpeed's universal format, the data
+    stream re-dealt (old stream s -> new stream s % 2, so here the very same samples per step), the
+    global batch kept by grad_accum_steps=2. Steps 5-12 then equal the uninterrupted 2-rank
+    reference up to summation order: weights, AdamW moments, step and LR schedule all came over."""
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", str(run), train_shards, **COMMON)
+    code, out = _run(_deepspeed(cfg), tmp_path / "log1.txt", env=_env(LAPVQA_FAULT_KILL_IN_SAVE="1:8"))
+    assert code != 0 and _complete(run) == ["global_step4"]
+    code, out = _run(_deepspeed(cfg, ranks=1), tmp_path / "log2.txt")
+    assert code == 2 and "--run.elastic_resume=true" in out, out[-3000:]
+    code, out = _run(_deepspeed(cfg, "--run.elastic_resume=true", "--data.num_workers=2", ranks=1),
+                     tmp_path / "log3.txt")
+    assert code == 0, out[-4000:]
+    assert "grad_accum_steps 1 -> 2" in out and "from 2 ranks re-partitioned onto 1" in out
+    assert not (run / "checkpoints" / "universal").exists(), "the converted copy is removed"
+    ref_run, _ = reference
+    (ref_train, ref_val), (train, val) = _rows(ref_run), _rows(run)
+    assert [r["step"] for r in train] == list(range(1, 13))
+    for a, b in zip(ref_train[4:], train[4:]):
+        if a["loss"] is None:  # the injected NaN step, skipped in both
+            assert b["loss"] is None
+            continue
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
+    assert [v["val_loss"] for v in val] == pytest.approx([v["val_loss"] for v in ref_val], rel=1e-4)
+    ref_keys = [[json.loads(l)["keys"] for l in (ref_run / "keys" / f"rank{r}.jsonl").read_text().splitlines()]
+                for r in (0, 1)]
+    keys = [json.loads(l)["keys"] for l in (run / "keys" / "rank0.jsonl").read_text().splitlines()]
+    assert len(keys) == 12 and keys[:4] == ref_keys[0][:4]  # rank 0's record of steps 1-4 is kept
+    gone = [json.loads(l)["step"] for l in (run / "keys" / "rank1.jsonl").read_text().splitlines()]
+    assert gone == [1, 2, 3, 4], "rank 1's rows after the checkpoint (its killed steps) are dropped"
+    assert [sorted(k) for k in keys[4:]] == [sorted(a + b) for a, b in zip(*ref_keys)][4:]
+    marker = json.loads((run / "checkpoints" / "global_step12" / "COMPLETE").read_text())
+    assert marker["world_size"] == 1 and marker["global_batch"] == 8
+    events = [json.loads(l) for l in (run / "events.jsonl").read_text().splitlines()]
+    (resume,) = [e for e in events if e["event"] == "resume"]
+    assert resume["elastic_from_world_size"] == 2 and resume["world_size"] == 1
+    # and back onto 2 ranks for two more steps (global batch 8 again from 2 x 4 x 1)
+    code, out = _run(_deepspeed(cfg, "--run.elastic_resume=true", "--train.max_steps=14"),
+                     tmp_path / "log4.txt")
+    assert code == 0 and "from 1 ranks re-partitioned onto 2" in out, out[-4000:]
+    assert "grad_accum_steps" not in out  # 2 x 4 x 1 is the global batch of the config
+    rows = [json.loads(l) for r in (0, 1) for l in (run / "keys" / f"rank{r}.jsonl").read_text().splitlines()]
+    epoch1 = keys[8:] + [r["keys"] for r in rows if r["step"] > 12]  # steps 9-14: 6 x 8 of 64 samples
+    flat = [k for step in epoch1 for k in step]
+    assert len(flat) == 48 and len(set(flat)) == 48, "no sample twice within the epoch"
+    assert all(r["loss"] is not None for r in _rows(run)[0][12:])
 
 
 def _plain(cfg: str, *over: str) -> list[str]:

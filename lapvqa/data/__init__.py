@@ -39,10 +39,14 @@ def train_spec(cfg: Config, image_size: int, rank: int, world: int,
 
 def build_train_loader(cfg: Config, image_size: int, rank: int, world: int,
                        saved: Optional[dict] = None, pin_memory: bool = False):
-    """(infinite DataLoader of Batch, DataState) for this rank; ``saved`` = this rank's state.
+    """(infinite DataLoader of Batch, DataState) for this rank; ``saved`` = this rank's state
+    (from a checkpoint of the same topology, or lapvqa.data.elastic.rebalance'd from another).
     ``state.manifest_sha256`` is the hash of the manifest.json these shards were planned from."""
     _, manifest = load_manifest(cfg.data.shards)
     spec = train_spec(cfg, image_size, rank, world, manifest)
+    shards = manifest.shards(cfg.data.train_split)
+    # deals of an earlier topology whose streams' segments this rank still carries (elastic resume)
+    spec.other_units = {int(n): make_units(shards, int(n)) for n in (saved or {}).get("other_units", {})}
     loader, state = make_train_loader(spec, cfg.data.num_workers, cfg.data.prefetch_factor,
                                       pin_memory and cfg.data.pin_memory, saved)
     state.manifest_sha256 = manifest.sha256

@@ -10,6 +10,11 @@ a checkpoint holds, per stream, exactly where the consumed data ends. Resuming r
 stream's epoch up to ``pos`` without decoding (the shuffle is content-independent, so the replay
 is exact), then continues. The DataLoader asks its workers strictly round-robin; the checkpoint
 also records which worker was next, and workers are re-labelled so that the same one comes first.
+
+After an elastic resume (another number of ranks or workers, lapvqa/data/elastic.py), a stream
+may first *carry* segments of the old topology's streams: ``[n_streams, stream, epoch, pos]``,
+the rest of an old stream's epoch replayed under the old deal (same units, shuffle and
+augmentation draws), before its own epochs start. The meta then also lists the segments left.
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ class StreamSpec:
     shuffle_buffer: int
     augment: Optional[AugmentSection]
     max_empty_epochs: int = 3
-    start: dict = field(default_factory=dict)  # stream id -> {"epoch", "pos", "errors_seen"}
+    start: dict = field(default_factory=dict)  # stream id -> {"epoch", "pos", "errors_seen", "segments"}
     first_worker: int = 0  # the logical worker whose batch comes first
+    other_units: dict = field(default_factory=dict)  # n_streams -> units of an earlier topology
 
     @property
     def n_streams(self) -> int:
@@ -82,35 +88,67 @@ class TrainStream(IterableDataset):
         return run_stream(self.spec, self.spec.rank * self.spec.workers + local)
 
 
+def _shuffled(spec: StreamSpec, store, errors: ErrorLog, units: list[Unit], n_streams: int,
+              sid: int, epoch: int):
+    """(index, raw sample) of one stream's epoch under the deal of ``n_streams`` streams."""
+    mine = stream_units(units, spec.seed, epoch, sid, n_streams)
+    return enumerate(reservoir_shuffle(iter_units(store, mine, errors), spec.shuffle_buffer,
+                                       epoch_rng(spec.seed, 0x5F, epoch, sid)))
+
+
+def _decode(spec: StreamSpec, raw: dict, sid: int, epoch: int, idx: int, errors: ErrorLog):
+    try:
+        rng = epoch_rng(spec.seed, 0xA6, epoch, sid, idx)
+        return decode_sample(raw, spec.image_size, spec.max_tokens, spec.augment, rng)
+    except SampleError as e:
+        errors.add(raw["__shard__"], raw["__key__"], f"sample {raw['__key__']!r}: {e}")
+        return None
+
+
 def run_stream(spec: StreamSpec, sid: int) -> Iterator[Batch]:
     start = spec.start.get(sid) or {}
-    epoch, skip = int(start.get("epoch", 0)), int(start.get("pos", 0))
+    epoch, pos = int(start.get("epoch", 0)), int(start.get("pos", 0))
+    carried = [[int(x) for x in seg] for seg in start.get("segments", [])]
     # Errors already counted before the checkpoint are in ``seen``: replaying does not recount them.
     errors = ErrorLog(start.get("errors_seen", []), where=f" (rank {spec.rank} stream {sid})")
     store, pending, empty = open_store(spec.url), [], 0
+
+    def batch() -> Batch:
+        meta = {"stream": sid, "epoch": epoch, "pos": pos, "errors_seen": list(errors.seen)}
+        if carried:
+            meta["segments"] = [list(seg) for seg in carried]
+        return collate(pending, meta)
+
+    while carried:  # an old topology's unfinished epochs first (elastic resume)
+        n_streams, old, old_epoch, skip = carried[0]
+        for idx, raw in _shuffled(spec, store, errors, spec.other_units[n_streams], n_streams, old, old_epoch):
+            if idx < skip:
+                continue
+            carried[0][3] = idx + 1
+            if (sample := _decode(spec, raw, old, old_epoch, idx, errors)) is not None:
+                pending.append(sample)
+            if len(pending) == spec.batch_size:
+                yield batch()
+                pending = []
+        carried.pop(0)
     while True:
-        units = stream_units(spec.units, spec.seed, epoch, sid, spec.n_streams)
-        shuffled = reservoir_shuffle(iter_units(store, units, errors), spec.shuffle_buffer,
-                                     epoch_rng(spec.seed, 0x5F, epoch, sid))
-        n = 0
-        for idx, raw in enumerate(shuffled):
+        n, skip = 0, pos
+        for idx, raw in _shuffled(spec, store, errors, spec.units, spec.n_streams, sid, epoch):
             n += 1
             if idx < skip:
                 continue
-            try:
-                rng = epoch_rng(spec.seed, 0xA6, epoch, sid, idx)
-                pending.append(decode_sample(raw, spec.image_size, spec.max_tokens, spec.augment, rng))
-            except SampleError as e:
-                errors.add(raw["__shard__"], raw["__key__"], f"sample {raw['__key__']!r}: {e}")
+            pos = idx + 1
+            if (sample := _decode(spec, raw, sid, epoch, idx, errors)) is not None:
+                pending.append(sample)
             if len(pending) == spec.batch_size:
-                yield collate(pending, {"stream": sid, "epoch": epoch, "pos": idx + 1,
-                                        "errors_seen": list(errors.seen)})
+                yield batch()
                 pending = []
         empty = 0 if n else empty + 1
         if empty >= spec.max_empty_epochs:
+            units = stream_units(spec.units, spec.seed, epoch, sid, spec.n_streams)
             raise DataError(f"stream {sid} of rank {spec.rank} got no readable sample in {empty} "
                             f"epochs in a row (shards: {', '.join(u.shard for u in units)})")
-        epoch, skip = epoch + 1, 0
+        epoch, pos = epoch + 1, 0
 
 
 class DataState:
@@ -125,6 +163,8 @@ class DataState:
     def update(self, meta: dict) -> None:
         sid = meta["stream"]
         self.streams[sid] = {k: meta[k] for k in ("epoch", "pos", "errors_seen")}
+        if meta.get("segments"):
+            self.streams[sid]["segments"] = meta["segments"]
         self.next_worker = (sid - self.spec.rank * self.spec.workers + 1) % self.spec.workers
 
     @property
@@ -136,10 +176,14 @@ class DataState:
         return sorted({e.split("|", 1)[0] for s in self.streams.values() for e in s["errors_seen"]})
 
     def state_dict(self) -> dict:
-        return {"version": 1, "rank": self.spec.rank, "world_size": self.spec.world,
-                "workers": self.spec.workers, "units": self.units_fp, "seed": self.spec.seed,
-                "next_worker": self.next_worker,
-                "streams": {str(k): v for k, v in sorted(self.streams.items())}}
+        carried = {seg[0] for s in self.streams.values() for seg in s.get("segments", [])}
+        state = {"version": 1, "rank": self.spec.rank, "world_size": self.spec.world,
+                 "workers": self.spec.workers, "units": self.units_fp, "seed": self.spec.seed,
+                 "next_worker": self.next_worker,
+                 "streams": {str(k): v for k, v in sorted(self.streams.items())}}
+        if carried:  # the deals that carried segments are replayed under (checked at resume)
+            state["other_units"] = {str(n): fingerprint(self.spec.other_units[n]) for n in sorted(carried)}
+        return state
 
 
 def check_resumable(saved: dict, spec: StreamSpec, units_fp: str) -> None:
@@ -151,8 +195,12 @@ def check_resumable(saved: dict, spec: StreamSpec, units_fp: str) -> None:
             f"the checkpoint's data stream was written by {saved['world_size']} ranks x "
             f"{saved['workers']} workers; this run has {spec.world} x {spec.workers}. Exact resume "
             f"needs the same topology: relaunch with {saved['world_size']} ranks and "
-            f"data.num_workers={saved['workers'] if saved['workers'] > 0 else 0}, or start a new run.dir")
-    if saved["units"] != units_fp:
+            f"data.num_workers={saved['workers']}, or set run.elastic_resume=true to re-deal it")
+    other = {int(n): fp for n, fp in saved.get("other_units", {}).items()}
+    # A rebalanced state (elastic resume) has no fingerprint of the new deal yet ("units": None);
+    # its carried segments' deals are fingerprinted, and they come from the same shard set.
+    if (saved["units"] is not None and saved["units"] != units_fp) or \
+            any(fingerprint(spec.other_units[n]) != fp for n, fp in other.items()):
         raise DataError("the train shards listed in manifest.json changed since the checkpoint "
                         "(different shard set): resume with the original data.shards or start a new run.dir")
     if saved.get("seed") != spec.seed:

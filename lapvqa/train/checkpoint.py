@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 log = logging.getLogger("lapvqa.train")
 TAG_RE = re.compile(r"^global_step(\d+)$")
+UNIVERSAL_DIR = "universal"  # checkpoints/universal/<tag>: a converted copy, only during an elastic resume
 FAULT_ENV = "LAPVQA_FAULT_KILL_IN_SAVE"  # "RANK:STEP": that rank SIGKILLs itself inside that save,
 # after DeepSpeed wrote its files and before COMPLETE: a checkpoint that looks whole but is not.
 
@@ -115,6 +116,8 @@ class Checkpoints:
                             "interrupted; it is never loaded)", self.dir / tag)
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
                 removed.append(tag)
+        # a universal copy made for an elastic resume that was killed before it was removed
+        shutil.rmtree(self.dir / UNIVERSAL_DIR, ignore_errors=True)
         return removed
 
     def reconcile_best(self) -> Optional[dict]:
@@ -161,7 +164,7 @@ class Checkpoints:
             shutil.rmtree(self.dir / tag, ignore_errors=True)
 
     # -- resuming (all ranks) ----------------------------------------------------------------
-    def resume_marker(self, mode: str, model_config: dict) -> Optional[dict]:
+    def resume_marker(self, mode: str, model_config: dict, elastic: bool = False) -> Optional[dict]:
         """The COMPLETE marker to resume from (None = fresh start), or a clear ResumeError."""
         complete = self.complete()
         if mode == "never" and self.tags():
@@ -170,12 +173,12 @@ class Checkpoints:
         if not complete:
             return None
         m = complete[-1]
-        if m["world_size"] != self.world_size:
+        if m["world_size"] != self.world_size and not elastic:
             raise ResumeError(
                 f"checkpoint {m['tag']} was written by {m['world_size']} ranks, this run has "
                 f"{self.world_size}: exact resume (optimizer shards + data-stream position) needs "
-                f"the same number of ranks. Relaunch with {m['world_size']} ranks, or start a new "
-                "run.dir from consolidated weights")
+                f"the same number of ranks. Relaunch with {m['world_size']} ranks, or pass "
+                "--run.elastic_resume=true to re-partition it onto this many (docs/training.md)")
         if m.get("model_config") not in (None, model_config):
             diff = sorted(k for k in model_config if m["model_config"].get(k) != model_config.get(k))
             raise ResumeError(f"checkpoint {m['tag']} has a different model ({', '.join(diff)} differ): "

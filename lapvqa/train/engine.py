@@ -68,11 +68,15 @@ def maybe_compile(cfg: Config, model, device: torch.device) -> None:
     model.compile_blocks(backend=backend)
 
 
-def build_engine(cfg: Config, model, info):
+def build_engine(cfg: Config, model, info, load_universal: bool = False):
+    """``load_universal``: the checkpoint to load is in DeepSpeed's universal format (elastic
+    resume onto another number of ranks, lapvqa.train.elastic)."""
     import deepspeed
     resolve_precision(cfg, info.device)
     maybe_compile(cfg, model, info.device)
     ds = deepspeed_config(cfg, info.world_size, info.device)
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds,
         lr_scheduler=lr_scheduler(cfg))

@@ -23,7 +23,8 @@ from lapvqa import __version__
 from lapvqa.config import Config, save_config
 from lapvqa.data import build_train_loader
 from lapvqa.data.augment import apply_augment
-from lapvqa.train import pixel_stats
+from lapvqa.data.elastic import rebalance
+from lapvqa.train import elastic, pixel_stats
 from lapvqa.train.checkpoint import Checkpoints
 from lapvqa.train.dist import DistInfo, all_gather_object
 from lapvqa.train.engine import build_engine, build_model
@@ -65,18 +66,21 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model_config, model = build_model(cfg)
         mc_json = json.loads(json.dumps(dataclasses.asdict(self.model_config)))
-        self.resume = self.ckpt.resume_marker(cfg.run.resume, mc_json)
+        self.resume = self.ckpt.resume_marker(cfg.run.resume, mc_json, cfg.run.elastic_resume)
+        self.elastic_from = self.resume["world_size"] if self.resume and \
+            self.resume["world_size"] != info.world_size else None
+        if self.elastic_from:
+            elastic.keep_global_batch(cfg, self.resume, info.world_size, self.run_dir)
         if self.model_config.pixel_norm == "pixel" and not self.resume:  # resumed: from the checkpoint
             pixel_stats.apply(model, cfg, self.model_config.image_size, info.rank, info.world_size,
                               info.device)
-        self.engine = build_engine(cfg, model, info)
+        self.engine = build_engine(cfg, model, info, load_universal=bool(self.elastic_from))
         client = self._load() if self.resume else None
         torch.manual_seed(cfg.seed * 1000 + info.rank)  # dropout differs per rank, reproducibly
         if client is not None:
             self._restore_rng(client)
-        saved = client["data_state"]["ranks"][info.rank] if client else None
         self.loader, self.data_state = build_train_loader(
-            cfg, self.model_config.image_size, info.rank, info.world_size, saved,
+            cfg, self.model_config.image_size, info.rank, info.world_size, self._data_start(client),
             pin_memory=info.device.type == "cuda")
         self._check_manifest(client)
         self._flops = self._flops_fn()
@@ -86,13 +90,17 @@ class Trainer:
         self.runlog = RunLog(self.run_dir, info.is_main, self.step, cfg.train.max_steps,
                              cfg.run.tensorboard, cfg.run.progress)
         self.runlog.event("resume" if client else "start", step=self.step, world_size=info.world_size,
-                          launcher=info.launcher, precision=self.engine_precision)
+                          launcher=info.launcher, precision=self.engine_precision,
+                          **({"elastic_from_world_size": self.elastic_from} if self.elastic_from else {}))
         self.keys_file = None
         if cfg.run.log_sample_keys:
             path = self.run_dir / "keys" / f"rank{info.rank}.jsonl"
             path.parent.mkdir(exist_ok=True)
             truncate_rows(path, self.step)  # like metrics.jsonl: one uninterrupted record
             self.keys_file = open(path, "a")
+            if info.is_main:  # ranks gone after an elastic resume: their records end at the checkpoint
+                for r in range(info.world_size, self.elastic_from or 0):
+                    truncate_rows(path.with_name(f"rank{r}.jsonl"), self.step)
 
     @property
     def engine_precision(self) -> str:
@@ -104,10 +112,17 @@ class Trainer:
 
     def _load(self) -> dict:
         tag = self.resume["tag"]
-        path, client = self.engine.load_checkpoint(str(self.ckpt.dir), tag=tag, load_optimizer_states=True,
+        load_dir = self.ckpt.dir
+        if self.elastic_from:
+            load_dir = elastic.to_universal(self.ckpt.dir, tag, self.info.is_main)
+        path, client = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt.dir / tag}")
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
+        if self.elastic_from:
+            elastic.remove_universal(self.ckpt.dir, self.info.is_main)
+            log.info("elastic resume: %s from %d ranks re-partitioned onto %d", tag, self.elastic_from,
+                     self.info.world_size)
         self.step = int(client["step"])
         self.nonfinite_total = int(client.get("nonfinite_total", 0))
         best = self.ckpt.best()
@@ -117,6 +132,20 @@ class Trainer:
         self.last_val_step = int(client.get("last_val_step", -1))
         log.info("resumed from %s (step %d)", tag, self.step)
         return client
+
+    def _data_start(self, client: Optional[dict]) -> Optional[dict]:
+        """This rank's data-stream state: the checkpoint's, or re-dealt when the number of ranks
+        or data workers changed and run.elastic_resume allows it (else the loader refuses)."""
+        if client is None:
+            return None
+        state, rank, world = client["data_state"], self.info.rank, self.info.world_size
+        old = state["ranks"][0]
+        if (old["world_size"], old["workers"]) != (world, max(1, self.cfg.data.num_workers)) and \
+                self.cfg.run.elastic_resume:
+            log.info("elastic resume: data stream of %d ranks x %d workers re-dealt", old["world_size"],
+                     old["workers"])
+            return rebalance(state, rank, world, self.cfg.data.num_workers)
+        return state["ranks"][rank]  # same topology (other world sizes: refused by resume_marker)
 
     def _check_manifest(self, client: Optional[dict]) -> None:
         # The shard set itself is checked by the data stream (a change is refused); a manifest that
@@ -289,7 +318,9 @@ class Trainer:
                   "rng": all_gather_object(rng), "nonfinite_total": self.nonfinite_total,
                   "last_val_step": self.last_val_step, "lapvqa_version": __version__,
                   "manifest_sha256": self.data_state.manifest_sha256}
+        t = self.cfg.train
         marker = {"val_loss": val_loss, "precision": self.engine_precision, "lapvqa_version": __version__,
+                  "global_batch": t.micro_batch_size * t.grad_accum_steps * self.info.world_size,
                   "manifest_sha256": self.data_state.manifest_sha256,
                   "model_config": json.loads(json.dumps(client["model_config"]))}
         tag = self.ckpt.save(self.engine, self.step, client, marker, self.cfg.checkpoint.keep_last)
