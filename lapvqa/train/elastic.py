@@ -78,6 +78,7 @@ def _convert(src: Path, dst: Path) -> Optional[str]:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode == 0:
         return None
+    shutil.rmtree(dst.parent, ignore_errors=True)
     tail = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()][-1:]
     return f"DeepSpeed could not convert {src} for an elastic resume (exit {proc.returncode}): " + \
         (tail[0] if tail else "no output")
