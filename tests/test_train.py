@@ -381,6 +381,38 @@ def test_sigterm_checkpoints_then_exit_75_and_no_silent_restart(train_shards, re
     assert code == 2 and "was written by 2 ranks, this run has 1" in out, out[-3000:]
 
 
+@pytest.mark.timeout(300)
+def test_checkpoint_damaged_after_saving_is_set_aside_and_the_run_resumes_before_it(
+        train_shards, tmp_path, capsys):
+    """A complete checkpoint loses bytes afterwards (an interrupted copy of the run dir, a scratch
+    purge): consolidate refuses it with one line; the next start moves it aside and resumes from
+    the checkpoint before it, repeating the same steps bit for bit."""
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", str(run), train_shards, **{**COMMON, "checkpoint__keep_last": 2})
+    code, out = _run(_plain(cfg), tmp_path / "log1.txt", env=_env(LAPVQA_FAULT_KILL_IN_SAVE="0:12"))
+    assert code != 0 and _complete(run) == ["global_step4", "global_step8"], out[-3000:]
+    first = _rows(run)
+    victim = run / "checkpoints" / "global_step8" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    size = victim.stat().st_size
+    victim.write_bytes(victim.read_bytes()[: size // 2])
+    from lapvqa.consolidate import main as consolidate_main
+    assert consolidate_main([str(run), "--out", str(tmp_path / "rel"), "--best-tag", "global_step8"]) == 2
+    err = capsys.readouterr().err
+    assert f"zero_pp_rank_0_mp_rank_00_optim_states.pt has {size // 2} bytes, {size} were written" in err
+    code, out = _run(_plain(cfg), tmp_path / "log2.txt")
+    assert code == 0, out[-3000:]
+    assert "checkpoint global_step8 is damaged" in out and "resumed from global_step4" in out
+    aside = run / "checkpoints" / "damaged-global_step8"
+    assert (aside / "COMPLETE.damaged").exists() and not (aside / "COMPLETE").exists()
+    train, val = _rows(run)
+    assert [(r["step"], r["batch_hash"], r["loss"]) for r in train] == \
+        [(r["step"], r["batch_hash"], r["loss"]) for r in first[0]]  # steps 5-12 again, bit-exact
+    assert [v["val_loss"] for v in val] == [v["val_loss"] for v in first[1]]
+    (resume,) = [json.loads(l) for l in (run / "events.jsonl").read_text().splitlines()
+                 if json.loads(l)["event"] == "resume"]
+    assert resume["damaged_checkpoints"] == ["global_step8"] and resume["step"] == 4
+
+
 @pytest.mark.timeout(240)
 def test_nonfinite_steps_in_a_row_abort(train_shards, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", str(tmp_path / "run"), train_shards, train__max_steps=6,

@@ -17,12 +17,14 @@ import re
 import resource
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from lapvqa.release import artifacts, card
 from lapvqa.release.artifacts import ENCODER_PREFIX, ReleaseError
 from lapvqa.release.zero import CheckpointError, ZeroCheckpoint, open_checkpoint, read_fp32
+from lapvqa.train.checkpoint import damage
 
 log = logging.getLogger("lapvqa.consolidate")
 _TAG_STEP = re.compile(r"global_step(\d+)$")
@@ -90,6 +92,10 @@ def inspect_run(run_dir: str, best_tag: str | None = None) -> RunInfo:
 
 
 def _open_tag(info: RunInfo, tag: str) -> ZeroCheckpoint:
+    problem = damage(Path(info.ckpt_dir) / tag, info.complete[tag])
+    if problem:
+        raise CheckpointError(f"{tag}: {problem} (damaged after it was saved; the trainer sets "
+                              "such checkpoints aside when it resumes)")
     ckpt = open_checkpoint(os.path.join(info.ckpt_dir, tag))
     expected = info.complete[tag].get("world_size")
     if expected is not None and int(expected) != ckpt.world_size:

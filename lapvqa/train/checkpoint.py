@@ -10,6 +10,11 @@ Layout (lapvqa.consolidate depends on it)::
 
 A tag directory without COMPLETE (a save that was killed) is never loaded and is removed at the
 next start. Rotation keeps the newest ``keep_last`` complete tags plus the best one.
+
+COMPLETE also lists every file of the checkpoint with its size. A checkpoint damaged after it
+was written (a scratch purge that deleted files, an interrupted copy of the run dir, a full
+disk during an rsync) is found at start-up before DeepSpeed reads it: it is moved aside to
+``damaged-<tag>`` with an error naming the file, and the run resumes from the newest intact one.
 """
 
 from __future__ import annotations
@@ -71,6 +76,24 @@ def _fsync_tree(path: Path) -> None:
         _fsync_dir(Path(root))
 
 
+def file_sizes(tag_dir: Path) -> dict[str, int]:
+    """Every file of a checkpoint (COMPLETE aside) -> its size in bytes."""
+    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+            if p.is_file() and p.name != "COMPLETE"}
+
+
+def damage(tag_dir: Path, marker: dict) -> Optional[str]:
+    """What is wrong with a complete checkpoint's files (None: all there, sizes as written).
+    Markers of versions that did not list the files cannot be checked and pass."""
+    for name, size in (marker.get("files") or {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
 def _maybe_die(rank: int, step: int) -> None:
     fault = os.environ.get(FAULT_ENV, "")
     if fault and fault == f"{rank}:{step}":
@@ -120,10 +143,35 @@ class Checkpoints:
         shutil.rmtree(self.dir / UNIVERSAL_DIR, ignore_errors=True)
         return removed
 
+    def set_aside_damaged(self) -> list[str]:
+        """Move complete checkpoints whose files are missing or resized to damaged-<tag>."""
+        moved = []
+        for _, tag in self.tags():
+            marker = self.marker(tag)
+            problem = damage(self.dir / tag, marker) if marker else None
+            if problem:
+                aside = self.dir / f"damaged-{tag}"
+                shutil.rmtree(aside, ignore_errors=True)  # an older copy of the same tag
+                os.replace(self.dir / tag, aside)
+                os.replace(aside / "COMPLETE", aside / "COMPLETE.damaged")  # no tool takes it as whole
+                log.error("checkpoint %s is damaged (%s): moved to %s and never loaded; resuming "
+                          "from the newest intact checkpoint instead", tag, problem, aside)
+                moved.append(tag)
+        if moved:
+            intact = self.complete()
+            if intact:
+                (self.dir / ".latest.tmp").write_text(intact[-1]["tag"] + "\n")
+                os.replace(self.dir / ".latest.tmp", self.dir / "latest")
+            else:
+                (self.dir / "latest").unlink(missing_ok=True)
+        return moved
+
     def reconcile_best(self) -> Optional[dict]:
         """best.json = lowest val_loss among complete checkpoints (fixes a kill before best.json)."""
         candidates = [m for m in self.complete() if m.get("val_loss") is not None]
         if not candidates:
+            if self.best() and self.marker(self.best()["tag"]) is None:  # its checkpoint set aside
+                (self.dir / "best.json").unlink()
             return None
         m = min(candidates, key=lambda m: (m["val_loss"], m["step"]))
         best = {"tag": m["tag"], "step": m["step"], "val_loss": m["val_loss"]}
@@ -136,6 +184,9 @@ class Checkpoints:
         tag = tag_for(step)
         self.dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
+        if self.rank == 0:  # a tag saved again (after resuming from an earlier one): not complete now
+            (self.dir / tag / "COMPLETE").unlink(missing_ok=True)
+        dist.barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
         _maybe_die(self.rank, step)  # worst case for tests: every file written, no COMPLETE yet
         dist.barrier()  # every rank's shard is written before COMPLETE may claim so
@@ -143,7 +194,7 @@ class Checkpoints:
             _fsync_tree(self.dir / tag)
             write_json_atomic(self.dir / tag / "COMPLETE",
                               {"step": step, "tag": tag, "world_size": self.world_size,
-                               "time": time.time(), **marker})
+                               "time": time.time(), **marker, "files": file_sizes(self.dir / tag)})
             (self.dir / ".latest.tmp").write_text(tag + "\n")
             os.replace(self.dir / ".latest.tmp", self.dir / "latest")
             if marker.get("val_loss") is not None:

@@ -58,9 +58,11 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
+        damaged = []
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.ckpt.remove_partial()
+            damaged = self.ckpt.set_aside_damaged()
             self.ckpt.reconcile_best()
         dist.barrier()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -91,7 +93,8 @@ class Trainer:
                              cfg.run.tensorboard, cfg.run.progress)
         self.runlog.event("resume" if client else "start", step=self.step, world_size=info.world_size,
                           launcher=info.launcher, precision=self.engine_precision,
-                          **({"elastic_from_world_size": self.elastic_from} if self.elastic_from else {}))
+                          **({"elastic_from_world_size": self.elastic_from} if self.elastic_from else {}),
+                          **({"damaged_checkpoints": damaged} if damaged else {}))
         self.keys_file = None
         if cfg.run.log_sample_keys:
             path = self.run_dir / "keys" / f"rank{info.rank}.jsonl"
