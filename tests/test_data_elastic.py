@@ -3,7 +3,9 @@ topology (ranks x workers) continued on another loses and repeats no sample of a
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +107,24 @@ def test_changed_shards_or_inconsistent_state_refused(uneven, tmp_path):
     saved["other_units"] = {k: "0" * 16 for k in saved["other_units"]}
     with pytest.raises(DataError, match="different shard set"):
         build_train_loader(cfg, 64, 0, 2, saved=saved)
+
+
+def _corrupt_first_jpeg(tar: Path) -> None:
+    data = tar.read_bytes()
+    i = data.index(b"\xff\xd8\xff")
+    tar.write_bytes(data[:i] + b"\x00" * 64 + data[i + 64:])
+
+
+@pytest.mark.timeout(120)
+def test_errors_handed_over_are_remembered_not_charged_to_the_new_ranks(uneven, tmp_path):
+    bad = Path(shutil.copytree(uneven, tmp_path / "bad"))
+    for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar"):
+        _corrupt_first_jpeg(bad / name)
+    old = _cfg(str(bad), data__num_workers=0)
+    states = [_take(build_train_loader(old, 64, r, 2), 10)[1] for r in range(2)]  # > 1 epoch each
+    assert [s.errors for s in states] == [3, 3] and all(s.inherited == 0 for s in states)  # each met all
+    saved = rebalance({"world_size": 2, "ranks": [s.state_dict() for s in states]}, 0, 1, 0)
+    assert saved["errors_inherited"] == 3  # the same 3 items, once
+    _, state = _take(build_train_loader(old, 64, 0, 1, saved=saved), 20)  # re-reads the damage
+    assert state.errors == 3 and state.errors - state.inherited == 0  # nothing new, nothing recounted
+    assert state.state_dict()["errors_inherited"] == 3  # and a checkpoint keeps it so

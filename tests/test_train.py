@@ -411,6 +411,7 @@ def test_checkpoint_damaged_after_saving_is_set_aside_and_the_run_resumes_before
     (resume,) = [json.loads(l) for l in (run / "events.jsonl").read_text().splitlines()
                  if json.loads(l)["event"] == "resume"]
     assert resume["damaged_checkpoints"] == ["global_step8"] and resume["step"] == 4
+    assert consolidate_main([str(run), "--out", str(tmp_path / "rel")]) == 0  # the set-aside copy ignored
 
 
 @pytest.mark.timeout(240)

@@ -1,5 +1,5 @@
-"""Elastic resume's own pieces without a launcher (the end-to-end runs are in test_train.py):
-the global batch it keeps, and a checkpoint DeepSpeed cannot convert."""
+"""Resume decisions without a launcher (the end-to-end runs are in test_train.py): the global
+batch kept, a checkpoint DeepSpeed cannot convert, a changed worker count, damaged checkpoints."""
 
 from __future__ import annotations
 
@@ -44,3 +44,70 @@ def test_unconvertible_checkpoint_is_one_clear_error_and_leaves_nothing(tmp_path
     error = _convert(src, dst)
     assert error and error.startswith(f"DeepSpeed could not convert {src} for an elastic resume (exit ")
     assert "\n" not in error and not dst.parent.exists()
+
+
+def test_every_resume_keeps_the_recorded_global_batch(tmp_path):
+    """After 8 -> 4 ranks (accumulation doubled) the next requeue on 4 ranks reads the YAML's
+    accumulation again: the marker's global batch still wins. Older markers: left as configured."""
+    cfg = _cfg(micro_batch_size=16, grad_accum_steps=2)
+    keep_global_batch(cfg, {"tag": "global_step80", "world_size": 4, "global_batch": 256}, 4, tmp_path,
+                      elastic=False)
+    assert cfg.train.grad_accum_steps == 4
+    cfg = _cfg(micro_batch_size=16, grad_accum_steps=2)
+    keep_global_batch(cfg, {"tag": "global_step80", "world_size": 4}, 4, tmp_path, elastic=False)
+    assert cfg.train.grad_accum_steps == 2
+
+
+def test_changed_worker_count_without_elastic_is_a_resume_error():
+    import torch
+
+    from lapvqa.train.dist import DistInfo
+    from lapvqa.train.loop import Trainer
+    state = {"version": 1, "world_size": 1, "workers": 2, "units": "x", "seed": 0, "next_worker": 0,
+             "streams": {}}
+    trainer = Trainer(_cfg(), DistInfo(0, 1, 0, torch.device("cpu"), "single"))
+    trainer.cfg.data.num_workers = 3
+    with pytest.raises(ResumeError, match="data.num_workers=2, this run has 3"):
+        trainer._data_start({"data_state": {"world_size": 1, "ranks": [state]}})
+    trainer.cfg.run.elastic_resume = True
+    again = trainer._data_start({"data_state": {"world_size": 1, "ranks": [state]}})
+    assert again["workers"] == 3 and again["units"] is None
+
+
+def _fake_checkpoint(ckpt_dir: Path, step: int, val_loss: float, size: int = 10) -> Path:
+    import json
+    tag = ckpt_dir / f"global_step{step}"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * size)
+    (tag / "COMPLETE").write_text(json.dumps({"step": step, "tag": tag.name, "world_size": 1,
+                                              "val_loss": val_loss,
+                                              "files": {"mp_rank_00_model_states.pt": size}}))
+    return tag
+
+
+def test_damaged_checkpoints_set_aside_latest_and_best_follow_and_all_damaged_refuses(tmp_path):
+    import json
+
+    from lapvqa.train.checkpoint import Checkpoints
+    ckpt = Checkpoints(tmp_path, 0, 1)
+    _fake_checkpoint(ckpt.dir, 4, 2.0)
+    newest = _fake_checkpoint(ckpt.dir, 8, 1.0)
+    (ckpt.dir / "latest").write_text("global_step8\n")
+    ckpt.reconcile_best()
+    (newest / "mp_rank_00_model_states.pt").write_bytes(b"x" * 4)  # truncated after saving
+    assert ckpt.set_aside_damaged() == ["global_step8"]
+    assert (ckpt.dir / "latest").read_text().strip() == "global_step4"
+    ckpt.reconcile_best()  # as the trainer's start-up does next
+    assert json.loads((ckpt.dir / "best.json").read_text())["tag"] == "global_step4"
+    assert ckpt.resume_marker("auto", {})["tag"] == "global_step4"
+    (ckpt.dir / "global_step4" / "mp_rank_00_model_states.pt").unlink()  # purged
+    assert ckpt.set_aside_damaged() == ["global_step4"]
+    ckpt.reconcile_best()
+    assert not (ckpt.dir / "latest").exists() and not (ckpt.dir / "best.json").exists()
+    with pytest.raises(ResumeError, match="every checkpoint in .* is damaged .*damaged-global_step4, "
+                                          "damaged-global_step8"):
+        ckpt.resume_marker("auto", {})
+    from lapvqa.release.consolidate import inspect_run
+    from lapvqa.release.artifacts import ReleaseError
+    with pytest.raises(ReleaseError, match="no checkpoint has a COMPLETE marker"):
+        inspect_run(str(tmp_path))

@@ -12,7 +12,9 @@ is then read exactly once. Each old stream's segments go, whole and in order, to
 and then starts its own epochs at ``last + 1`` under the new deal.
 
 Whole old streams (not single segments) move, so the distinct-error log each old stream kept goes
-with them: a replay never counts an error twice. Segments an old stream was itself still carrying
+with them: a replay never counts an error twice. Those errors were found within the old ranks'
+``data.max_errors`` budgets; they are recorded as inherited and do not count against the new
+ranks' budgets (4 ranks with 3 errors each must not fail 1 rank at max_errors=10). Segments an old stream was itself still carrying
 (from an earlier elastic resume) move with it, in front.
 """
 
@@ -56,4 +58,5 @@ def rebalance(data_state: dict, rank: int, world: int, workers: int) -> dict:
     mine = range(rank * workers, (rank + 1) * workers)
     return {"version": 1, "rank": rank, "world_size": world, "workers": workers, "units": None,
             "seed": data_state["ranks"][0]["seed"], "next_worker": 0, "other_units": other,
+            "errors_inherited": sum(len(new[j]["errors_seen"]) for j in mine),
             "streams": {str(j): new[j] for j in mine}}

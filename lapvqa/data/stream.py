@@ -159,6 +159,9 @@ class DataState:
         self.streams = {int(k): dict(v) for k, v in spec.start.items()}
         self.next_worker = spec.first_worker
         self.manifest_sha256 = ""  # set by build_train_loader; provenance, not stream position
+        # errors an elastic re-deal handed over: remembered (never recounted), but they were
+        # found under the old topology's per-rank data.max_errors and do not count against ours
+        self.inherited = 0
 
     def update(self, meta: dict) -> None:
         sid = meta["stream"]
@@ -183,6 +186,8 @@ class DataState:
                  "streams": {str(k): v for k, v in sorted(self.streams.items())}}
         if carried:  # the deals that carried segments are replayed under (checked at resume)
             state["other_units"] = {str(n): fingerprint(self.spec.other_units[n]) for n in sorted(carried)}
+        if self.inherited:
+            state["errors_inherited"] = self.inherited
         return state
 
 
@@ -218,4 +223,6 @@ def make_train_loader(spec: StreamSpec, num_workers: int, prefetch_factor: int, 
     kwargs = dict(num_workers=num_workers, batch_size=None, pin_memory=pin_memory)
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, worker_init_fn=ignore_stop_signals)
-    return DataLoader(TrainStream(spec), **kwargs), DataState(spec, fp)
+    state = DataState(spec, fp)
+    state.inherited = int((saved or {}).get("errors_inherited", 0))
+    return DataLoader(TrainStream(spec), **kwargs), state

@@ -24,7 +24,7 @@ import torch
 from lapvqa.release import artifacts, card
 from lapvqa.release.artifacts import ENCODER_PREFIX, ReleaseError
 from lapvqa.release.zero import CheckpointError, ZeroCheckpoint, open_checkpoint, read_fp32
-from lapvqa.train.checkpoint import damage
+from lapvqa.train.checkpoint import TAG_RE, damage
 
 log = logging.getLogger("lapvqa.consolidate")
 _TAG_STEP = re.compile(r"global_step(\d+)$")
@@ -51,6 +51,8 @@ class RunInfo:
 def _complete_tags(ckpt_dir: str) -> dict[str, dict]:
     tags = {}
     for name in sorted(os.listdir(ckpt_dir)):
+        if not TAG_RE.match(name):  # damaged-<tag>, universal/: never a release source
+            continue
         marker = os.path.join(ckpt_dir, name, "COMPLETE")
         if os.path.isfile(marker):
             try:
@@ -80,7 +82,8 @@ def inspect_run(run_dir: str, best_tag: str | None = None) -> RunInfo:
     if best_tag is None:
         path = os.path.join(ckpt_dir, "best.json")
         if not os.path.isfile(path):
-            raise ReleaseError(f"{path} missing (no validation ran?): pass --best-tag TAG")
+            raise ReleaseError(f"{path} missing (no validation ran, or its checkpoint was set aside "
+                               "as damaged): pass --best-tag TAG")
         with open(path, encoding="utf-8") as f:
             best = json.load(f)
     if best.get("tag") not in complete:

@@ -150,21 +150,31 @@ class Checkpoints:
             marker = self.marker(tag)
             problem = damage(self.dir / tag, marker) if marker else None
             if problem:
+                # COMPLETE goes first: a kill before the move leaves a partial tag (removed at the
+                # next start), never a damaged folder that still claims to be whole
+                os.replace(self.dir / tag / "COMPLETE", self.dir / tag / "COMPLETE.damaged")
                 aside = self.dir / f"damaged-{tag}"
                 shutil.rmtree(aside, ignore_errors=True)  # an older copy of the same tag
                 os.replace(self.dir / tag, aside)
-                os.replace(aside / "COMPLETE", aside / "COMPLETE.damaged")  # no tool takes it as whole
                 log.error("checkpoint %s is damaged (%s): moved to %s and never loaded; resuming "
                           "from the newest intact checkpoint instead", tag, problem, aside)
                 moved.append(tag)
-        if moved:
-            intact = self.complete()
-            if intact:
-                (self.dir / ".latest.tmp").write_text(intact[-1]["tag"] + "\n")
-                os.replace(self.dir / ".latest.tmp", self.dir / "latest")
-            else:
-                (self.dir / "latest").unlink(missing_ok=True)
+        self.reconcile_latest()
         return moved
+
+    def damaged(self) -> list[str]:
+        return sorted(p.name for p in self.dir.glob("damaged-global_step*")) if self.dir.is_dir() else []
+
+    def reconcile_latest(self) -> None:
+        """``latest`` names the newest complete tag (DeepSpeed's own tools read it)."""
+        intact = self.complete()
+        if not intact:
+            (self.dir / "latest").unlink(missing_ok=True)
+            return
+        path = self.dir / "latest"
+        if not path.exists() or path.read_text().strip() != intact[-1]["tag"]:
+            (self.dir / ".latest.tmp").write_text(intact[-1]["tag"] + "\n")
+            os.replace(self.dir / ".latest.tmp", path)
 
     def reconcile_best(self) -> Optional[dict]:
         """best.json = lowest val_loss among complete checkpoints (fixes a kill before best.json)."""
@@ -222,6 +232,11 @@ class Checkpoints:
             raise ResumeError(f"{self.dir} already holds checkpoints and run.resume=never: "
                               "use a new run.dir (or run.resume=auto to continue this run)")
         if not complete:
+            if self.damaged():  # never silently start again from step 0 over a damaged run
+                raise ResumeError(
+                    f"every checkpoint in {self.dir} is damaged (set aside: "
+                    f"{', '.join(self.damaged())}): restore their files and rename them back "
+                    "(COMPLETE.damaged -> COMPLETE), or delete them to start this run.dir from step 0")
             return None
         m = complete[-1]
         if m["world_size"] != self.world_size and not elastic:

@@ -11,7 +11,8 @@ DeepSpeed's universal checkpoint format stores them per parameter instead, so:
 3. the data stream is re-dealt (lapvqa/data/elastic.py): no sample of a begun epoch is lost or
    repeated, though the order is not the one the old topology would have read;
 4. the global batch -- and with it what a step means to the LR schedule -- is kept by setting
-   ``train.grad_accum_steps`` (the run's config.yaml records the value used).
+   ``train.grad_accum_steps`` (the run's config.yaml records the value used); every later resume
+   keeps it too.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from lapvqa.train.dist import all_gather_object
 log = logging.getLogger("lapvqa.train")
 
 
-def saved_global_batch(marker: dict, run_dir: Path) -> Optional[int]:
+def saved_global_batch(marker: dict, run_dir: Path, elastic: bool) -> Optional[int]:
     """The global batch the checkpoint was trained with: its COMPLETE marker says so; markers of
-    older versions do not, and then the run's config.yaml (written by the run that saved it) does."""
+    older versions do not, and then (for an elastic resume) the run's config.yaml does."""
     if marker.get("global_batch"):
         return int(marker["global_batch"])
+    if not elastic:
+        return None
     try:
         train = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
         return int(train["micro_batch_size"]) * int(train["grad_accum_steps"]) * int(marker["world_size"])
@@ -45,10 +48,14 @@ def saved_global_batch(marker: dict, run_dir: Path) -> Optional[int]:
         return None
 
 
-def keep_global_batch(cfg: Config, marker: dict, world: int, run_dir: Path) -> None:
-    """Set train.grad_accum_steps so that ``world`` ranks train with the checkpoint's global batch."""
-    saved = saved_global_batch(marker, run_dir)
+def keep_global_batch(cfg: Config, marker: dict, world: int, run_dir: Path, elastic: bool = True) -> None:
+    """Set train.grad_accum_steps so that ``world`` ranks train with the checkpoint's global batch.
+    Every resume does this, not only the elastic one: after 8 -> 4 ranks (accumulation doubled),
+    the next requeue on 4 ranks reads the unchanged YAML again."""
+    saved = saved_global_batch(marker, run_dir, elastic)
     micro = cfg.train.micro_batch_size
+    if saved is None and not elastic:
+        return  # a checkpoint of an older version on the same topology: nothing to compare
     if saved is None:
         raise ResumeError(f"checkpoint {marker['tag']} does not record its global batch and "
                           f"{run_dir / 'config.yaml'} is unreadable: cannot resume elastically")
@@ -60,7 +67,7 @@ def keep_global_batch(cfg: Config, marker: dict, world: int, run_dir: Path) -> N
             f"{world} x micro_batch_size divides {saved}")
     accum = saved // (world * micro)
     if accum != cfg.train.grad_accum_steps:
-        log.warning("elastic resume: train.grad_accum_steps %d -> %d keeps the global batch of %d "
+        log.warning("resume: train.grad_accum_steps %d -> %d keeps the checkpoint's global batch of %d "
                     "(%d ranks x %d micro-batch)", cfg.train.grad_accum_steps, accum, saved, world, micro)
         cfg.train.grad_accum_steps = accum
 

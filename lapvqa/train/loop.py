@@ -25,7 +25,7 @@ from lapvqa.data import build_train_loader
 from lapvqa.data.augment import apply_augment
 from lapvqa.data.elastic import rebalance
 from lapvqa.train import elastic, pixel_stats
-from lapvqa.train.checkpoint import Checkpoints
+from lapvqa.train.checkpoint import Checkpoints, ResumeError
 from lapvqa.train.dist import DistInfo, all_gather_object
 from lapvqa.train.engine import build_engine, build_model
 from lapvqa.train.evaluate import validate
@@ -71,8 +71,8 @@ class Trainer:
         self.resume = self.ckpt.resume_marker(cfg.run.resume, mc_json, cfg.run.elastic_resume)
         self.elastic_from = self.resume["world_size"] if self.resume and \
             self.resume["world_size"] != info.world_size else None
-        if self.elastic_from:
-            elastic.keep_global_batch(cfg, self.resume, info.world_size, self.run_dir)
+        if self.resume:
+            elastic.keep_global_batch(cfg, self.resume, info.world_size, self.run_dir, bool(self.elastic_from))
         if self.model_config.pixel_norm == "pixel" and not self.resume:  # resumed: from the checkpoint
             pixel_stats.apply(model, cfg, self.model_config.image_size, info.rank, info.world_size,
                               info.device)
@@ -101,9 +101,10 @@ class Trainer:
             path.parent.mkdir(exist_ok=True)
             truncate_rows(path, self.step)  # like metrics.jsonl: one uninterrupted record
             self.keys_file = open(path, "a")
-            if info.is_main:  # ranks gone after an elastic resume: their records end at the checkpoint
-                for r in range(info.world_size, self.elastic_from or 0):
-                    truncate_rows(path.with_name(f"rank{r}.jsonl"), self.step)
+            if info.is_main:  # ranks this run does not have (another topology wrote them before)
+                for other in path.parent.glob("rank*.jsonl"):
+                    if other.stem[4:].isdigit() and int(other.stem[4:]) >= info.world_size:
+                        truncate_rows(other, self.step)
 
     @property
     def engine_precision(self) -> str:
@@ -142,13 +143,17 @@ class Trainer:
         if client is None:
             return None
         state, rank, world = client["data_state"], self.info.rank, self.info.world_size
-        old = state["ranks"][0]
-        if (old["world_size"], old["workers"]) != (world, max(1, self.cfg.data.num_workers)) and \
-                self.cfg.run.elastic_resume:
-            log.info("elastic resume: data stream of %d ranks x %d workers re-dealt", old["world_size"],
-                     old["workers"])
-            return rebalance(state, rank, world, self.cfg.data.num_workers)
-        return state["ranks"][rank]  # same topology (other world sizes: refused by resume_marker)
+        old, workers = state["ranks"][0], max(1, self.cfg.data.num_workers)
+        if (old["world_size"], old["workers"]) == (world, workers):
+            return state["ranks"][rank]
+        if not self.cfg.run.elastic_resume:  # (another world size was refused by resume_marker)
+            raise ResumeError(
+                f"the checkpoint's data stream was written with data.num_workers={old['workers']}, "
+                f"this run has {workers}: relaunch with data.num_workers={old['workers']}, or pass "
+                "--run.elastic_resume=true to re-deal it (docs/training.md)")
+        log.info("elastic resume: data stream of %d ranks x %d workers re-dealt onto %d x %d",
+                 old["world_size"], old["workers"], world, workers)
+        return rebalance(state, rank, world, self.cfg.data.num_workers)
 
     def _check_manifest(self, client: Optional[dict]) -> None:
         # The shard set itself is checked by the data stream (a change is refused); a manifest that
@@ -231,7 +236,7 @@ class Trainer:
 
     def _sync(self, keys, loss_sum, tokens, wait, flops, nonfinite, lr) -> dict:
         """One all_reduce for every cross-rank decision of this step."""
-        data_fail = self.data_state.errors > self.cfg.data.max_errors
+        data_fail = self.data_state.errors - self.data_state.inherited > self.cfg.data.max_errors
         vec = torch.tensor([loss_sum, tokens, float(nonfinite), float(bool(self.stop)),
                             float(self.data_state.errors), float(data_fail), wait, len(keys), flops],
                            dtype=torch.float64, device=self.info.device)
