@@ -50,8 +50,8 @@ def _deepspeed(cfg: str, *over: str, port: int | None = None, ranks: int = 2) ->
             "--config", cfg, *over]
 
 
-def _start(cmd: list[str], log: Path, env=None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=open(log, "w"),
+def _start(cmd: list[str], log: Path, env=None, cwd=REPO) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -316,6 +316,27 @@ def test_two_nodes_on_loopback_see_disjoint_data_bf16(train_shards, tmp_path):
     torch.testing.assert_close(got_mean, mean, rtol=1e-2, atol=1e-3)  # bf16 buffers: ~3 digits
     torch.testing.assert_close(got_std, std, rtol=1e-2, atol=1e-3)
     assert float((mean - got_mean).abs().max()) < 0.01 and float(mean.std()) > 0.05  # a real map
+
+
+@pytest.mark.timeout(240)
+def test_run_dir_not_shared_by_the_nodes_fails_the_start(train_shards, tmp_path):
+    """Two "nodes" whose run.dir is not the same folder (a relative path, each node in its own
+    working directory -- like node-local scratch): refused at start with exit 2 on both, instead
+    of checkpoints that cannot be resumed hours later."""
+    cfg = write_config(tmp_path / "c.yaml", "run", train_shards, train__max_steps=2)
+    port = _port()
+    procs = []
+    for i in (0, 1):
+        (tmp_path / f"node{i}").mkdir()
+        procs.append(_start([str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1",
+                             "--node_rank", str(i), "--master_addr", "127.0.0.1", "--master_port",
+                             str(port), TRAIN, "--config", cfg], tmp_path / f"node{i}.txt",
+                            cwd=tmp_path / f"node{i}"))
+    outs = [_finish(p, tmp_path / f"node{i}.txt", 180) for i, p in enumerate(procs)]
+    assert all(code != 0 for code, _ in outs), outs[0][1][-3000:]
+    assert "run.dir is not one folder for all ranks" in outs[0][1], outs[0][1][-3000:]
+    assert f"rank 1 on {socket.gethostname()} ({tmp_path / 'node1' / 'run'})" in outs[0][1]
+    assert not list((tmp_path / "node0" / "run").glob("checkpoints/*")), "nothing was trained"
 
 
 def _first_train_images_stats(shards: str, n: int, size: int):

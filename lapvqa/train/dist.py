@@ -13,9 +13,12 @@ import re
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from lapvqa.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -132,3 +135,27 @@ def all_gather_object(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def check_shared_dir(path: Path, rank: int) -> None:
+    """Every rank must see the same run.dir: checkpoints are written by all ranks and read back by
+    all ranks, so a node-local or relative path that differs per node breaks the first resume,
+    hours later. Rank 0 writes a nonce there; a rank that cannot read it back fails the start."""
+    token = path / ".lapvqa-shared-check"
+    nonce = os.urandom(8).hex() if rank == 0 else None
+    if rank == 0:
+        token.write_text(nonce)
+    nonce = all_gather_object(nonce)[0]  # also the barrier: the file exists before anyone looks
+    try:
+        sees = token.read_text() == nonce
+    except OSError:
+        sees = False
+    seen = all_gather_object((sees, socket.gethostname(), str(path.resolve())))
+    if rank == 0:
+        token.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host} ({where})" for r, (ok, host, where) in enumerate(seen) if not ok]
+    if blind:
+        raise ConfigError(
+            f"run.dir is not one folder for all ranks: rank 0 on {seen[0][1]} wrote to {seen[0][2]}, "
+            f"which {', '.join(blind[:4])}{' ...' if len(blind) > 4 else ''} cannot see. Put run.dir on a "
+            "filesystem every node mounts (Lustre, GPFS, NFS) and give it as an absolute path")

@@ -26,7 +26,7 @@ from lapvqa.data.augment import apply_augment
 from lapvqa.data.elastic import rebalance
 from lapvqa.train import elastic, pixel_stats
 from lapvqa.train.checkpoint import Checkpoints, ResumeError
-from lapvqa.train.dist import DistInfo, all_gather_object
+from lapvqa.train.dist import DistInfo, all_gather_object, check_shared_dir
 from lapvqa.train.engine import build_engine, build_model
 from lapvqa.train.evaluate import validate
 from lapvqa.train.metrics import RunLog, Throughput, peak_flops, truncate_rows
@@ -65,6 +65,8 @@ class Trainer:
             damaged = self.ckpt.set_aside_damaged()
             self.ckpt.reconcile_best()
         dist.barrier()
+        if info.world_size > 1:
+            check_shared_dir(self.run_dir, info.rank)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model_config, model = build_model(cfg)
         mc_json = json.loads(json.dumps(dataclasses.asdict(self.model_config)))
