@@ -14,8 +14,8 @@ and then starts its own epochs at ``last + 1`` under the new deal.
 Whole old streams (not single segments) move, so the distinct-error log each old stream kept goes
 with them: a replay never counts an error twice. Those errors were found within the old ranks'
 ``data.max_errors`` budgets; they are recorded as inherited and do not count against the new
-ranks' budgets (4 ranks with 3 errors each must not fail 1 rank at max_errors=10). Segments an old stream was itself still carrying
-(from an earlier elastic resume) move with it, in front.
+ranks' budgets (4 ranks with 3 errors each must not fail 1 rank at max_errors=10). Segments an
+old stream was itself still carrying (from an earlier elastic resume) move with it, in front.
 """
 
 from __future__ import annotations
