@@ -139,13 +139,13 @@ def _train_env(**extra) -> dict[str, str]:
     return {**env, **extra}
 
 
-def _submit_pretrain(cluster, cfg: str, logs: Path, *sbatch_args: str, **env: str) -> str:
+def _submit_pretrain(cluster, cfg: str, logs: Path, *sbatch_args: str, overrides=(), **env: str) -> str:
     """Submit as a user does, from the checkout; the log goes to ``logs`` instead of ./logs.
     The GPU/task/CPU directives are overridden for this CPU cluster (one CPU rank per node)."""
     logs.mkdir(exist_ok=True)
     return cluster.sbatch(["-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0", *SMALL,
                            f"--output={logs}/%x-%j.out", *sbatch_args,
-                           str(SLURM_DIR / "pretrain.sbatch")],
+                           str(SLURM_DIR / "pretrain.sbatch"), *overrides],
                           cwd=REPO, env=_train_env(CONFIG=cfg, **env))
 
 
@@ -304,3 +304,12 @@ def test_preemption_signal_checkpoints_requeues_and_resumes_exactly(cluster, sha
     assert 2 <= stopped < 8 and resumed == stopped, events
     # The requeued job resumed (not restarted) and saw exactly the uninterrupted run's batches.
     assert _trajectory(run) == _trajectory(two_node_run["run"])
+    # docs/slurm.md step 5: the run goes on with ONE node (resubmitted with -N 1, elastic resume)
+    job = _submit_pretrain(cluster, cfg, tmp_path / "logs1", "-N", "1", overrides=(
+        "--train.max_steps=10", "--run.elastic_resume=true", "--debug.step_sleep_s=0"))
+    info = cluster.wait_job(job, timeout=300)[0]
+    assert info["JobState"] == "COMPLETED", _job_log(tmp_path / "logs1")[-4000:]
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    last = [e for e in events if e["event"] == "resume"][-1]
+    assert (last["world_size"], last["elastic_from_world_size"], last["step"]) == (1, 2, 8), last
+    assert [r["step"] for r in _metrics(run)[0]][-2:] == [9, 10]
